@@ -1,0 +1,240 @@
+"""Host-side sampling controllers: which steps take SAM's second forward/backward.
+
+Pure Python on purpose (no torch): the rules are unit-testable alone, and a decision never
+waits for the device. The exact rules are in ``ALGORITHMS.md`` (shared with the developers);
+the comments below name the equations of the vSAM paper (arXiv 2403.08821).
+
+Every controller has the same small interface:
+
+* ``decide() -> bool``: called once per optimizer step, before the step's work; ``True`` means
+  "take a SAM step" (second forward/backward), ``False`` a cheap step.
+* ``wants_psf``: whether the optimizer must form the PSF and feed statistics back.
+* ``needs_stats()``: ``True`` when the next ``decide()`` reads the statistics, so the optimizer
+  must hand over every pending ``push_stats`` first (vSAM: only at a window boundary).
+* ``state_dict()`` / ``load_state_dict()``: plain Python values, random state included.
+"""
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from typing import Deque, Iterable, List, Optional, Sequence
+
+__all__ = ["EveryStep", "Periodic", "VSAMController", "robust_var", "mean_change_rate"]
+
+
+def _check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+    return value
+
+
+def _check_float(name: str, value, low: float, high: float, low_open=False, high_open=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    ok = math.isfinite(value) or (high == math.inf and value == math.inf and not high_open)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value}")
+    return value
+
+
+def robust_var(values: Iterable[float], slices: int) -> float:
+    """Eq. 8: sort, cut into ``slices`` equal slices (the top remainder left out), mean of the
+    slices' unbiased variances. Non-finite values are ignored; fewer than ``2*slices`` values
+    give 0."""
+    h = sorted(v for v in values if math.isfinite(v))
+    if len(h) < 2 * slices:
+        return 0.0
+    n = len(h) // slices
+    total = 0.0
+    for i in range(slices):
+        part = h[i * n:(i + 1) * n]
+        mean = sum(part) / n
+        total += sum((v - mean) ** 2 for v in part) / (n - 1)
+    return total / slices
+
+
+def mean_change_rate(history: Sequence[float]) -> float:
+    """Eq. 9-10 / 12-13: mean relative change over consecutive pairs, clamped to [-1, 1].
+
+    A pair with a zero or non-finite denominator, or a non-finite value, is skipped; with no
+    usable pair the rate is 0. The clamp applies to the mean, not to each term."""
+    rates: List[float] = []
+    for prev, cur in zip(history, list(history)[1:]):
+        if prev == 0 or not (math.isfinite(prev) and math.isfinite(cur)):
+            continue
+        rates.append((cur - prev) / prev)
+    if not rates:
+        return 0.0
+    return min(1.0, max(-1.0, sum(rates) / len(rates)))
+
+
+class EveryStep:
+    """Plain SAM: every step is a SAM step."""
+
+    wants_psf = False
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.sam_steps = 0
+        self.last_step_sam = False
+
+    def _rule(self) -> bool:
+        return True
+
+    def decide(self) -> bool:
+        sample = self._rule()
+        self.steps += 1
+        self.sam_steps += sample
+        self.last_step_sam = sample
+        return sample
+
+    def needs_stats(self) -> bool:
+        return False
+
+    def stats(self) -> dict:
+        return {"steps": self.steps, "sam_steps": self.sam_steps, "last_step_sam": self.last_step_sam,
+                "quota": None, "probability": 1.0}
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "sam_steps": self.sam_steps, "last_step_sam": self.last_step_sam}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self.sam_steps = int(state["sam_steps"])
+        self.last_step_sam = bool(state["last_step_sam"])
+
+
+class Periodic(EveryStep):
+    """SAM-k: a SAM step when ``steps % period == 0`` (steps counted before this one)."""
+
+    def __init__(self, period: int) -> None:
+        super().__init__()
+        self.period = _check_int("period", period, 1)
+
+    def _rule(self) -> bool:
+        return self.steps % self.period == 0
+
+    def stats(self) -> dict:
+        return {**super().stats(), "probability": 1.0 / self.period}
+
+
+class VSAMController:
+    """vSAM's variation-based sampling (ALGORITHMS.md, "vSAM", with its listed deviations).
+
+    The optimizer calls ``decide()`` once per step and, after every SAM step, hands over the
+    two statistics with ``push_stats(psf_norm, grad_norm)``. Pushes may be deferred (the
+    optimizer batches device->host reads), but must all arrive before a ``decide()`` for which
+    ``needs_stats()`` is True: only the window boundary reads them.
+    """
+
+    wants_psf = True
+
+    def __init__(self, window: int = 50, slices: int = 5, max_rate: float = 0.8,
+                 lambdas: Sequence[float] = (0.13, 0.13), warmup_steps: int = 1173,
+                 seed: int = 0) -> None:
+        self.window = _check_int("window", window, 2)
+        self.slices = _check_int("slices", slices, 1, self.window)
+        self.max_rate = _check_float("max_rate", max_rate, 0.0, 1.0, low_open=True)
+        if math.floor(self.window * self.max_rate) < 1:
+            raise ValueError(f"max_rate: window * max_rate must be >= 1 so that a window can hold one "
+                             f"SAM step, got window={window}, max_rate={max_rate}")
+        try:
+            lam = tuple(lambdas)
+        except TypeError:
+            raise TypeError(f"lambdas must be a pair of numbers, got {type(lambdas).__name__}") from None
+        if len(lam) != 2:
+            raise ValueError(f"lambdas must be a pair (lambda_ratio, lambda_variance), got {len(lam)} values")
+        self.lambdas = (_check_float("lambdas[0]", lam[0], -math.inf, math.inf, True, True),
+                        _check_float("lambdas[1]", lam[1], -math.inf, math.inf, True, True))
+        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.t = 0            # steps taken
+        self.j = 0            # post-warm-up steps
+        self.s = 1.0          # quota: SAM steps wanted per window
+        self.q = 0            # SAM steps taken in the current window
+        self.p = self.s / self.window
+        self.c_r = 0.0
+        self.c_v = 0.0
+        self.sam_steps = 0
+        self.last_step_sam = False
+        self.H: Deque[float] = deque(maxlen=self.window)   # PSF norms
+        self.R: Deque[float] = deque(maxlen=self.window)   # PSF norm / gradient norm
+        self.V: Deque[float] = deque(maxlen=self.window)   # robust variance of H
+
+    @property
+    def max_quota(self) -> int:
+        return math.floor(self.window * self.max_rate)
+
+    def needs_stats(self) -> bool:
+        return self.t >= self.warmup_steps and (self.j + 1) % self.window == 0
+
+    def decide(self) -> bool:
+        if self.t < self.warmup_steps:
+            sample = True
+        else:
+            K = self.window
+            self.j += 1
+            if self.j % K == 0:                       # window boundary, Eq. 14-15
+                self.c_r = mean_change_rate(self.R)
+                self.c_v = mean_change_rate(self.V)
+                lam_r, lam_v = self.lambdas
+                s = self.s * (1.0 + lam_r * self.c_r + lam_v * self.c_v)
+                self.s = min(max(s, 1.0), float(self.max_quota))
+                self.p = self.s / K
+                self.q = 0
+            quota_left = math.floor(self.s) - self.q
+            # U() is drawn only when quota is left, so equal seeds give equal decisions.
+            sample = (quota_left > 0 and self.rng.random() < self.p) or (K - self.j % K <= quota_left)
+            if sample:
+                self.q += 1
+        self.t += 1
+        self.sam_steps += sample
+        self.last_step_sam = sample
+        return sample
+
+    def push_stats(self, psf_norm: float, grad_norm: float) -> None:
+        """Record one SAM step's norms over the last L tensors (Eq. 11)."""
+        psf_norm, grad_norm = float(psf_norm), float(grad_norm)
+        if grad_norm != 0.0:
+            ratio = psf_norm / grad_norm
+        else:
+            ratio = math.nan if psf_norm == 0.0 else math.inf
+        self.H.append(psf_norm)
+        self.R.append(ratio)
+        self.V.append(robust_var(self.H, self.slices))
+
+    def stats(self) -> dict:
+        return {"steps": self.t, "sam_steps": self.sam_steps, "last_step_sam": self.last_step_sam,
+                "quota": self.s, "probability": self.p, "window_sam_steps": self.q,
+                "change_ratio": self.c_r, "change_variance": self.c_v,
+                "in_warmup": self.t < self.warmup_steps}
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"t": self.t, "j": self.j, "s": self.s, "q": self.q, "p": self.p,
+                "c_r": self.c_r, "c_v": self.c_v, "sam_steps": self.sam_steps,
+                "last_step_sam": self.last_step_sam,
+                "H": list(self.H), "R": list(self.R), "V": list(self.V),
+                "rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("t", "j", "q", "sam_steps"):
+            setattr(self, key, int(state[key]))
+        for key in ("s", "p", "c_r", "c_v"):
+            setattr(self, key, float(state[key]))
+        self.last_step_sam = bool(state["last_step_sam"])
+        for key in ("H", "R", "V"):
+            getattr(self, key).clear()
+            getattr(self, key).extend(float(v) for v in state[key])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((int(version), tuple(int(v) for v in internal), gauss))

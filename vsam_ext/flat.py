@@ -1,0 +1,162 @@
+"""Flattened parameter and gradient buffers.
+
+The parameters that require grad are packed, per (param group, device, dtype), into one
+contiguous buffer; each parameter becomes a view of it and its ``.grad`` a view of a flat
+gradient buffer that is zeroed in place, never set to None. Fused ops then run over a few
+large buffers instead of many small tensors.
+
+Buffers are per param group as well, so every buffer has one set of hyper-parameters (rho,
+lr, ...): a fused base step needs nothing per element but the data.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+__all__ = ["FlatBuffer", "FlatParams"]
+
+
+class FlatBuffer:
+    """The parameters of one (group, device, dtype), packed in registration order."""
+
+    def __init__(self, group_index: int, params: Sequence[torch.Tensor]) -> None:
+        first = params[0]
+        self.group_index = group_index
+        self.params: List[torch.Tensor] = list(params)
+        self.device, self.dtype = first.device, first.dtype
+        self.offsets: List[int] = []
+        total = 0
+        for p in self.params:
+            self.offsets.append(total)
+            total += p.numel()
+        self.numel = total
+        self.param = torch.empty(total, dtype=self.dtype, device=self.device)
+        self.grad = torch.zeros(total, dtype=self.dtype, device=self.device)
+        self.grad_views: List[torch.Tensor] = []
+        with torch.no_grad():
+            for p, start in zip(self.params, self.offsets):
+                n = p.numel()
+                self.param[start:start + n].copy_(p.detach().reshape(-1))
+                if p.grad is not None:
+                    if p.grad.is_sparse:
+                        raise TypeError("params: sparse gradients are not supported "
+                                        f"(a parameter of shape {tuple(p.shape)} has one)")
+                    self.grad[start:start + n].copy_(p.grad.reshape(-1))
+                p.data = self.param[start:start + n].view(p.shape)
+                view = self.grad[start:start + n].view(p.shape)
+                p.grad = view
+                self.grad_views.append(view)
+        self.data_ptrs = [p.data_ptr() for p in self.params]
+        self.stat_start = total      # elements [stat_start, numel) belong to the last-L tensors
+        self.backup: Optional[torch.Tensor] = None   # weights saved by the perturbation
+        self.psf: Optional[torch.Tensor] = None      # vSAM: first gradient, then the PSF
+
+    def bounds(self) -> List[int]:
+        """Segment boundaries (one segment per parameter tensor), for per-segment ops."""
+        return self.offsets + [self.numel]
+
+    def new_buffer(self) -> torch.Tensor:
+        return torch.zeros(self.numel, dtype=self.dtype, device=self.device)
+
+
+class FlatParams:
+    """All flat buffers of one optimizer, plus which parameters got a gradient this step."""
+
+    def __init__(self, stat_tensors: Optional[int] = None) -> None:
+        self.buffers: List[FlatBuffer] = []
+        self.managed: List[torch.Tensor] = []     # registration order, across buffers
+        self._ids: Dict[int, int] = {}
+        self._received: List[bool] = []
+        self._dirty = False                       # some gradient arrived since the last zeroing
+        self._hooks = []
+        self.stat_tensors = stat_tensors
+        self._warned_unmanaged = False
+
+    # -- construction -------------------------------------------------------------------
+    def add_group(self, group_index: int, params: Sequence[torch.Tensor]) -> None:
+        buckets: Dict[tuple, List[torch.Tensor]] = {}
+        for p in params:
+            if not p.requires_grad or id(p) in self._ids:
+                continue
+            if not p.dtype.is_floating_point:
+                raise TypeError(f"params: only floating-point parameters can be optimized, got {p.dtype}")
+            buckets.setdefault((p.device, p.dtype), []).append(p)
+        for bucket in buckets.values():
+            self.buffers.append(FlatBuffer(group_index, bucket))
+        for p in params:
+            if p.requires_grad and id(p) not in self._ids:
+                index = len(self.managed)
+                self._ids[id(p)] = index
+                self.managed.append(p)
+                self._received.append(p.grad is not None)
+                self._hooks.append(p.register_hook(self._make_hook(index)))
+        self._dirty = True
+        self._place_stat_range()
+
+    def _make_hook(self, index: int):
+        received = self._received
+
+        def on_grad(grad: torch.Tensor) -> None:
+            if grad.layout != torch.strided:
+                raise TypeError(f"params: sparse gradients are not supported (parameter #{index} "
+                                f"got a {grad.layout} gradient); use dense embeddings")
+            received[index] = True
+            self._dirty = True
+        return on_grad
+
+    def _place_stat_range(self) -> None:
+        """The statistics use the last L managed tensors; in each buffer they are a suffix."""
+        last = set(map(id, self.managed[-self.stat_tensors:])) if self.stat_tensors else set()
+        for buf in self.buffers:
+            buf.stat_start = buf.numel
+            for p, start in zip(reversed(buf.params), reversed(buf.offsets)):
+                if id(p) not in last:
+                    break
+                buf.stat_start = start
+
+    # -- every step ---------------------------------------------------------------------
+    def zero_grads(self) -> None:
+        if self._dirty:
+            for buf in self.buffers:
+                buf.grad.zero_()
+            for i in range(len(self._received)):
+                self._received[i] = False
+            self._dirty = False
+
+    def check(self, param_groups) -> List[torch.Tensor]:
+        """Before a step: refuse re-pointed parameters, pull in gradients that landed outside
+        the flat buffer (e.g. after ``model.zero_grad()`` set them to None), and return the
+        managed parameters that got no gradient (they are left untouched this step)."""
+        for buf in self.buffers:
+            for p, ptr, view in zip(buf.params, buf.data_ptrs, buf.grad_views):
+                if p.data_ptr() != ptr:
+                    raise RuntimeError(
+                        f"a parameter of shape {tuple(p.shape)} no longer lives in the optimizer's "
+                        f"flat buffer (was the model moved or cast, e.g. model.to()/.half(), after the "
+                        f"optimizer was built?); build the optimizer after moving the model")
+                g = p.grad
+                if g is not view:
+                    if g is not None:
+                        if g.layout != torch.strided:
+                            raise TypeError("params: sparse gradients are not supported")
+                        view.copy_(g)
+                        self._received[self._ids[id(p)]] = True
+                    else:
+                        view.zero_()
+                    p.grad = view
+                    self._dirty = True
+        if not self._warned_unmanaged:
+            for group in param_groups:
+                for p in group["params"]:
+                    if id(p) not in self._ids and p.grad is not None:
+                        warnings.warn("a parameter that was frozen when the optimizer was built now has a "
+                                      "gradient: the base optimizer steps it, without SAM perturbation; "
+                                      "build a new optimizer to include it", stacklevel=3)
+                        self._warned_unmanaged = True
+                        break
+        return [p for p, got in zip(self.managed, self._received) if not got]
+
+    def state_layout(self) -> List[tuple]:
+        return [(b.group_index, str(b.dtype), b.numel) for b in self.buffers]

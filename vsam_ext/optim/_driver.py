@@ -1,0 +1,285 @@
+"""The shared two-pass driver: every optimizer of the package is this class plus a controller.
+
+One step, on flat buffers (see ``vsam_ext.flat``):
+
+    closure #1 -> g in the flat grad buffer
+    controller.decide()  (host, no sync) -- cheap step? --> [reuse hook] -> base step
+                                             | SAM step
+    norm pass -> device scalar rho/(||g||+eps); perturb pass (saves the weights)
+    closure #2 at w + e (BatchNorm running statistics frozen)
+    restore pass [+ PSF + statistics] -> base step with g_sam
+
+Subclasses pick the controller and may override ``_keep_first_grad``, ``_finish_sam_step``
+and ``_before_cheap_step``. The maths lives in the backend ops (``vsam_ext.ops``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .. import ops
+from ..flat import FlatParams
+from . import _bn
+
+__all__ = ["TwoPassOptimizer"]
+
+EPS = 1e-12
+_FORMAT = 1
+
+
+def check_rho(rho) -> float:
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
+        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+    return float(rho)
+
+
+def _check_groups(groups) -> None:
+    for i, group in enumerate(groups):
+        lr = group.get("lr")
+        if isinstance(lr, (int, float)) and not isinstance(lr, bool) and not (lr >= 0):
+            raise ValueError(f"lr must be >= 0, got {lr} (param group {i})")
+        check_rho(group["rho"])
+        if not isinstance(group["adaptive"], bool):
+            raise TypeError(f"adaptive must be a bool, got {type(group['adaptive']).__name__}")
+
+
+class TwoPassOptimizer(torch.optim.Optimizer):
+    """Base class: a ``torch.optim.Optimizer`` that wraps a base optimizer (davda54/sam style)."""
+
+    def __init__(self, params, base_optimizer, controller, *, rho: float = 0.05,
+                 adaptive: bool = False, model: Optional[torch.nn.Module] = None,
+                 backend: Optional[str] = None, stat_tensors: Optional[int] = None, **base_kwargs) -> None:
+        rho = check_rho(rho)
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"adaptive must be a bool, got {type(adaptive).__name__}")
+        if "lr" in base_kwargs:
+            _check_groups([{"lr": base_kwargs["lr"], "rho": rho, "adaptive": adaptive}])
+        self._bn_modules = _bn.batchnorm_modules(model)
+        self.controller = controller
+        self.base_optimizer: Optional[torch.optim.Optimizer] = None
+        self.flat = FlatParams(stat_tensors)
+        params = _param_list(params)
+        ours = dict(rho=rho, adaptive=adaptive)
+        if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+            super().__init__(params, dict(ours, **base_kwargs))
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        elif isinstance(base_optimizer, torch.optim.Optimizer):
+            if base_kwargs:
+                raise TypeError(f"base_optimizer is an instance, so {sorted(base_kwargs)} would be ignored; "
+                                f"set them on the instance or pass the class")
+            _check_same_params(params, base_optimizer)
+            super().__init__(params, dict(ours))
+            self.base_optimizer = base_optimizer
+            for group in base_optimizer.param_groups:
+                for key, value in ours.items():
+                    group.setdefault(key, value)
+        else:
+            raise TypeError("base_optimizer must be a torch.optim.Optimizer class or an instance built on "
+                            f"the same parameters, got {base_optimizer!r}")
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults.update(self.base_optimizer.defaults)
+        _check_groups(self.param_groups)
+        for i, group in enumerate(self.param_groups):
+            self.flat.add_group(i, group["params"])
+        if not self.flat.managed:
+            raise ValueError("params: no parameter requires grad, so there is nothing to optimize")
+        self.backend, self._ops = ops.resolve_backend(backend, [b.device for b in self.flat.buffers])
+        self._phase: Optional[str] = None      # None, "sam" (between the passes) or "cheap"
+        self._inactive: List[torch.Tensor] = []
+        self._bn_flags: List[bool] = []
+
+    # -- torch.optim.Optimizer plumbing --------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        if self.base_optimizer is None:        # called by torch.optim.Optimizer.__init__
+            return super().add_param_group(param_group)
+        self.base_optimizer.add_param_group(param_group)
+        group = self.param_groups[-1]
+        for key in ("rho", "adaptive"):
+            group.setdefault(key, self.defaults[key])
+        _check_groups([group])
+        self.flat.add_group(len(self.param_groups) - 1, group["params"])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients in place (the flat buffer stays; ``set_to_none`` is ignored for
+        the parameters it holds)."""
+        self.flat.zero_grads()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and id(p) not in self.flat._ids:
+                    p.grad = None
+
+    # -- the step ------------------------------------------------------------------------
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+        """One optimizer step. ``closure`` runs forward + backward and returns the loss; it is
+        called twice on a SAM step, once otherwise; the loss of the first call is returned."""
+        if closure is None:
+            raise TypeError(f"{type(self).__name__}.step() needs a closure that runs forward + backward "
+                            f"and returns the loss; or call first_step() / second_step() yourself")
+        closure = torch.enable_grad()(closure)
+        self.zero_grad()
+        loss = closure()
+        if self.first_step():
+            try:
+                closure()
+            except BaseException:
+                self._abort()
+                raise
+        self.second_step()
+        return loss
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = True) -> bool:
+        """After the backward at ``w``: decide this step's kind. ``True``: the weights are now
+        perturbed and the gradients zeroed: run one more forward+backward, then
+        ``second_step()``. ``False``: call ``second_step()`` directly. (``zero_grad`` is
+        accepted for davda54/sam compatibility; the gradients are always zeroed for pass 2.)"""
+        if self._phase is not None:
+            raise RuntimeError("first_step() called twice: call second_step() to finish the step first")
+        self._inactive = self.flat.check(self.param_groups)
+        self._feed_stats(before_decide=True)
+        if not self.controller.decide():
+            self._phase = "cheap"
+            return False
+        self._perturb()
+        self.flat.zero_grads()
+        self._bn_flags = _bn.freeze_running_stats(self._bn_modules)
+        self._phase = "sam"
+        return True
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Finish the step: restore the weights after a SAM step (or apply the cheap-step rule)
+        and take the base optimizer's step. ``zero_grad=True`` zeroes the gradients after."""
+        if self._phase is None:
+            raise RuntimeError("second_step() called without first_step()")
+        if self._phase == "sam":
+            _bn.unfreeze_running_stats(self._bn_modules, self._bn_flags)
+            self._finish_sam_step()
+        else:
+            self._before_cheap_step()
+        self._phase = None
+        self._base_step()
+        if zero_grad:
+            self.zero_grad()
+
+    def _perturb(self) -> None:
+        """``w <- w + rho * T^2 g / (||T g|| + eps)`` on every buffer; the norm stays on the device."""
+        bufs = self.flat.buffers
+        home = bufs[0].device
+        sums = [self._ops.segment_sumsq(b.grad, [0, b.numel],
+                                        b.param if self.param_groups[b.group_index]["adaptive"] else None)
+                for b in bufs]
+        norm = torch.cat([s.to(home, non_blocking=True) for s in sums]).sum().sqrt()
+        keep = self._keep_first_grad()
+        for b in bufs:
+            group = self.param_groups[b.group_index]
+            scale = (group["rho"] / (norm + EPS)).to(b.device, non_blocking=True)
+            if b.backup is None:
+                b.backup = b.new_buffer()
+            if keep and b.psf is None:
+                b.psf = b.new_buffer()
+            self._ops.perturb(b.param, b.grad, scale, b.backup, group["adaptive"],
+                              b.psf if keep else None)
+
+    def _base_step(self) -> None:
+        for p in self._inactive:             # got no gradient: the base optimizer skips it
+            p.grad = None
+        try:
+            self.base_optimizer.step()
+        finally:
+            if self._inactive:
+                for buf in self.flat.buffers:
+                    for p, view in zip(buf.params, buf.grad_views):
+                        p.grad = view
+                self._inactive = []
+
+    def _abort(self) -> None:
+        """The second closure failed: put the weights and BatchNorm back, drop the step."""
+        if self._phase == "sam":
+            _bn.unfreeze_running_stats(self._bn_modules, self._bn_flags)
+            for b in self.flat.buffers:
+                b.param.copy_(b.backup)
+        self._phase = None
+        self._inactive = []
+
+    # -- hooks for subclasses ------------------------------------------------------------
+    def _keep_first_grad(self) -> bool:
+        """Whether the perturb pass copies ``g`` aside (vSAM needs it for the PSF)."""
+        return False
+
+    def _finish_sam_step(self) -> None:
+        for b in self.flat.buffers:
+            self._ops.restore_psf_stats(b.param, b.backup, b.grad, None, b.numel)
+
+    def _before_cheap_step(self) -> None:
+        pass
+
+    def _feed_stats(self, before_decide: bool = False) -> None:
+        pass
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    # -- read-back and checkpoints -------------------------------------------------------
+    @property
+    def stats(self) -> Dict[str, object]:
+        """A snapshot: steps, sam_steps, last_step_sam, quota, probability, backend, ..."""
+        return dict(self.controller.stats(), backend=self.backend)
+
+    def state_dict(self) -> dict:
+        if self._phase is not None:
+            raise RuntimeError("state_dict() between first_step() and second_step(): finish the step first")
+        self._feed_stats()
+        return {"base": self.base_optimizer.state_dict(),
+                "vsam_ext": {"format": _FORMAT, "optimizer": type(self).__name__,
+                             "layout": self.flat.state_layout(),
+                             "controller": self.controller.state_dict(),
+                             "extra": self._extra_state()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self._phase is not None:
+            raise RuntimeError("load_state_dict() between first_step() and second_step(): finish the step first")
+        ours = state_dict.get("vsam_ext") if isinstance(state_dict, dict) else None
+        if ours is None or "base" not in state_dict:
+            raise ValueError("state_dict: not a vsam_ext optimizer checkpoint (no 'vsam_ext' section)")
+        if ours.get("format") != _FORMAT:
+            raise ValueError(f"state_dict: checkpoint format {ours.get('format')} is not {_FORMAT}")
+        if ours["optimizer"] != type(self).__name__:
+            raise ValueError(f"state_dict: checkpoint is of {ours['optimizer']}, this optimizer is "
+                             f"{type(self).__name__}")
+        layout = [tuple(x) for x in ours["layout"]]
+        if layout != self.flat.state_layout():
+            raise ValueError(f"state_dict: parameter layout {layout} (group, dtype, numel per buffer) "
+                             f"does not match this optimizer's {self.flat.state_layout()}")
+        self._feed_stats()                   # drop nothing queued into the state we replace
+        self.base_optimizer.load_state_dict(state_dict["base"])
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.controller.load_state_dict(ours["controller"])
+        self._load_extra_state(ours["extra"])
+
+
+def _param_list(params) -> list:
+    if isinstance(params, torch.Tensor):
+        raise TypeError("params must be an iterable of tensors or of param-group dicts, got a single tensor")
+    params = [dict(x, params=_tensor_list(x.get("params"))) if isinstance(x, dict) else x for x in params]
+    if not params:
+        raise ValueError("params: got an empty parameter list")
+    return params
+
+
+def _tensor_list(params) -> list:
+    return [params] if isinstance(params, torch.Tensor) else list(params or [])
+
+
+def _check_same_params(params: list, base: torch.optim.Optimizer) -> None:
+    ours = [p for x in params for p in (x["params"] if isinstance(x, dict) else [x])]
+    theirs = [p for g in base.param_groups for p in g["params"]]
+    if {id(p) for p in ours} != {id(p) for p in theirs}:
+        raise ValueError("params must be the parameters the base_optimizer instance was built on")

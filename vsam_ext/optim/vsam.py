@@ -1,0 +1,84 @@
+"""vSAM (arXiv 2403.08821): SAM's second pass only on the steps the variation controller samples;
+the other steps reuse the last PSF = g_sam - g with weight ``reuse_decay ** age`` (Eq. 17)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from ..controller import VSAMController, _check_float, _check_int
+from ..stats_queue import DeferredStats
+from ._driver import TwoPassOptimizer
+
+__all__ = ["VSAM"]
+
+
+class VSAM(TwoPassOptimizer):
+    """vSAM around any ``torch.optim`` base optimizer; see README for every argument.
+
+    Memory: two parameter-sized buffers beyond the base optimizer's state: the PSF (which holds
+    ``g`` between the two passes of a SAM step) and the weights saved by the perturbation.
+    """
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: bool = False,
+                 window: int = 50, slices: int = 5, max_rate: float = 0.8,
+                 lambdas: Sequence[float] = (0.13, 0.13), reuse_decay: float = 0.7, max_reuse: int = 6,
+                 stat_tensors: int = 10, warmup_steps: int = 1173, seed: int = 0,
+                 model: Optional[torch.nn.Module] = None, backend: Optional[str] = None, **base_kwargs) -> None:
+        self.reuse_decay = _check_float("reuse_decay", reuse_decay, 0.0, 1.0, high_open=True)
+        self.max_reuse = _check_int("max_reuse", max_reuse, 0)
+        stat_tensors = _check_int("stat_tensors", stat_tensors, 1)
+        controller = VSAMController(window=window, slices=slices, max_rate=max_rate, lambdas=lambdas,
+                                    warmup_steps=warmup_steps, seed=seed)
+        self._pending = DeferredStats(controller.window)
+        self.psf_age = 0          # cheap steps since the PSF was formed
+        self.has_psf = False
+        super().__init__(params, base_optimizer, controller, rho=rho, adaptive=adaptive, model=model,
+                         backend=backend, stat_tensors=stat_tensors, **base_kwargs)
+
+    def _keep_first_grad(self) -> bool:
+        return True
+
+    def _finish_sam_step(self) -> None:
+        bufs = self.flat.buffers
+        home = bufs[0].device
+        pairs = [self._ops.restore_psf_stats(b.param, b.backup, b.grad, b.psf, b.stat_start) for b in bufs]
+        sums = torch.stack([x.to(home, non_blocking=True) for x in pairs]).sum(0)
+        if self._pending.full():
+            self._feed_stats()
+        self._pending.push(sums)
+        self.psf_age = 0
+        self.has_psf = True
+
+    def _before_cheap_step(self) -> None:
+        self.psf_age += 1
+        if self.has_psf and self.psf_age <= self.max_reuse and self.reuse_decay > 0:
+            coeff = self.reuse_decay ** self.psf_age
+            for b in self.flat.buffers:
+                self._ops.reuse(b.grad, b.psf, coeff)
+
+    def _feed_stats(self, before_decide: bool = False) -> None:
+        """Hand queued statistics to the controller: always when asked outside a step, and before
+        a decision only when the controller reads them (a window boundary)."""
+        if before_decide and not self.controller.needs_stats():
+            return
+        for g_sq, psf_sq in self._pending.drain():
+            self.controller.push_stats(math.sqrt(psf_sq), math.sqrt(g_sq))
+
+    @property
+    def stats(self):
+        return dict(super().stats, psf_age=self.psf_age)
+
+    def _extra_state(self) -> dict:
+        return {"psf_age": self.psf_age, "has_psf": self.has_psf,
+                "psf": [b.psf if self.has_psf else None for b in self.flat.buffers]}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.psf_age = int(state["psf_age"])
+        self.has_psf = bool(state["has_psf"])
+        if self.has_psf:
+            for b, saved in zip(self.flat.buffers, state["psf"]):
+                if b.psf is None:
+                    b.psf = b.new_buffer()
+                b.psf.copy_(saved)
