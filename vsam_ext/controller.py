@@ -47,7 +47,7 @@ def _check_float(name: str, value, low: float, high: float, low_open=False, high
 def robust_var(values: Iterable[float], slices: int) -> float:
     """Eq. 8: sort, cut into ``slices`` equal slices (the top remainder left out), mean of the
     slices' unbiased variances. Non-finite values are ignored; fewer than ``2*slices`` values
-    give 0."""
+    give 0 (so with ``slices > window / 2`` the variance term never acts: H holds K values)."""
     h = sorted(v for v in values if math.isfinite(v))
     if len(h) < 2 * slices:
         return 0.0
@@ -70,9 +70,10 @@ def mean_change_rate(history: Sequence[float]) -> float:
         if prev == 0 or not (math.isfinite(prev) and math.isfinite(cur)):
             continue
         rates.append((cur - prev) / prev)
-    if not rates:
+    mean = sum(rates) / len(rates) if rates else 0.0
+    if math.isnan(mean):          # +inf and -inf rates (overflowing finite pairs): no signal
         return 0.0
-    return min(1.0, max(-1.0, sum(rates) / len(rates)))
+    return min(1.0, max(-1.0, mean))
 
 
 class EveryStep:
@@ -205,10 +206,9 @@ class VSAMController:
     def push_stats(self, psf_norm: float, grad_norm: float) -> None:
         """Record one SAM step's norms over the last L tensors (Eq. 11)."""
         psf_norm, grad_norm = float(psf_norm), float(grad_norm)
-        if grad_norm != 0.0:
-            ratio = psf_norm / grad_norm
-        else:
-            ratio = math.nan if psf_norm == 0.0 else math.inf
+        # A zero gradient norm gives no ratio: NaN, which the change rate skips. (An infinite one
+        # gives 0, as the spec's division does; its PSF norm is then non-finite in practice.)
+        ratio = psf_norm / grad_norm if grad_norm != 0.0 else math.nan
         self.H.append(psf_norm)
         self.R.append(ratio)
         self.V.append(robust_var(self.H, self.slices))
@@ -221,13 +221,16 @@ class VSAMController:
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()
-        return {"t": self.t, "j": self.j, "s": self.s, "q": self.q, "p": self.p,
+        return {"window": self.window, "t": self.t, "j": self.j, "s": self.s, "q": self.q, "p": self.p,
                 "c_r": self.c_r, "c_v": self.c_v, "sam_steps": self.sam_steps,
                 "last_step_sam": self.last_step_sam,
                 "H": list(self.H), "R": list(self.R), "V": list(self.V),
                 "rng": [version, list(internal), gauss]}
 
     def load_state_dict(self, state: dict) -> None:
+        if int(state.get("window", self.window)) != self.window:
+            raise ValueError(f"state_dict: saved with window={state['window']}, this controller has "
+                             f"window={self.window}")
         for key in ("t", "j", "q", "sam_steps"):
             setattr(self, key, int(state[key]))
         for key in ("s", "p", "c_r", "c_v"):
