@@ -2,15 +2,24 @@
 
 This is the oracle every fused backend is tested against, so it stays simple and obviously
 right: maths in fp32 (fp64 for fp64 buffers), one rounding when a 16-bit result is written.
-Every backend module provides these four functions with these signatures.
+Every backend module provides these functions with these signatures:
+
+* ``segment_sumsq``      per-segment (per-tensor) sums of squares: the multi-tensor L2 norm
+* ``perturb``            SAM/ASAM ascent, saving the weights (and, for vSAM, ``g``)
+* ``restore_psf_stats``  restore the weights, form the PSF, last-L statistics
+* ``reuse``              vSAM's ``g + coeff * PSF`` into the gradient (generic base optimizers)
+* ``sgd_step``/``adamw_step``  the base step fused with either the reuse or the restore:
+  one pass over the buffers per step, with torch.optim.SGD/AdamW's maths
 """
 from __future__ import annotations
+
+import math
 
 from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["segment_sumsq", "perturb", "restore_psf_stats", "reuse"]
+__all__ = ["segment_sumsq", "perturb", "restore_psf_stats", "reuse", "sgd_step", "adamw_step"]
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -64,3 +73,58 @@ def restore_psf_stats(param: torch.Tensor, backup: torch.Tensor, grad_sam: torch
 def reuse(grad: torch.Tensor, psf: torch.Tensor, coeff: float) -> None:
     """vSAM reuse (Eq. 17): ``grad <- grad + coeff * PSF``."""
     grad.copy_(_wide(grad) + coeff * _wide(psf))
+
+
+def _final_grad(param, grad, psf, backup, coeff: float, stat_start: int, maximize: bool):
+    """The gradient a fused base step uses, and the statistics when it restores.
+
+    Restore mode (``backup`` given, after a SAM step's second backward): the weights come back
+    from ``backup``, ``psf`` (if given) becomes ``grad - psf`` with the statistics, and the
+    gradient is ``grad`` (= g_sam). Otherwise: ``grad + coeff * psf`` (the reuse rule) when
+    ``psf`` is given, else ``grad``."""
+    stats = None
+    if backup is not None:
+        stats = restore_psf_stats(param, backup, grad, psf, stat_start)
+        d = _wide(grad)
+    elif psf is not None and coeff != 0.0:
+        d = _wide(grad) + coeff * _wide(psf)
+    else:
+        d = _wide(grad)
+    return (-d if maximize else d), stats
+
+
+def sgd_step(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: Optional[torch.Tensor],
+             psf: Optional[torch.Tensor], backup: Optional[torch.Tensor], coeff: float, stat_start: int,
+             lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
+             maximize: bool, first: bool) -> Optional[torch.Tensor]:
+    """torch.optim.SGD's step on the final gradient (see ``_final_grad``); ``first``: the
+    momentum buffer is initialised to the gradient (torch's ``buf is None`` case). The grad
+    buffer is not written. Returns the statistics pair in restore mode with ``psf``, else None."""
+    d, stats = _final_grad(param, grad, psf, backup, coeff, stat_start, maximize)
+    w = _wide(param)
+    if weight_decay != 0.0:
+        d = d + weight_decay * w
+    if momentum != 0.0:
+        buf = d if first else momentum * _wide(momentum_buffer) + (1.0 - dampening) * d
+        momentum_buffer.copy_(buf)
+        d = d + momentum * buf if nesterov else buf
+    param.copy_(w - lr * d)
+    return stats
+
+
+def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+               psf: Optional[torch.Tensor], backup: Optional[torch.Tensor], coeff: float, stat_start: int,
+               lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+               maximize: bool) -> Optional[torch.Tensor]:
+    """torch.optim.AdamW's step (no amsgrad) on the final gradient (see ``_final_grad``);
+    ``step`` is the step count after this step's increment (1 on the first step)."""
+    d, stats = _final_grad(param, grad, psf, backup, coeff, stat_start, maximize)
+    w = _wide(param) * (1.0 - lr * weight_decay)
+    m = _wide(exp_avg) + (1.0 - beta1) * (d - _wide(exp_avg))
+    v = beta2 * _wide(exp_avg_sq) + (1.0 - beta2) * d * d
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    step_size = lr / (1.0 - beta1 ** step)
+    denom = v.sqrt() / math.sqrt(1.0 - beta2 ** step) + eps
+    param.copy_(w - step_size * m / denom)
+    return stats

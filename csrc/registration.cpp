@@ -1,0 +1,23 @@
+// The op schemas of vsam_ext._C, shared by the CPU (cpu_ops.cpp) and CUDA (cuda_ops.cu)
+// implementations. Reached from Python as torch.ops.vsam_ext.<op>; the semantics of every op
+// are those of vsam_ext/ops/reference.py (the oracle the tests compare against).
+//
+// Conventions: every buffer is 1-D, contiguous, of one dtype (float, double, half, bfloat16)
+// and on one device; maths in fp32 (fp64 for double buffers); `scale` is a 0-d fp32 tensor on
+// the buffers' device. Ops that may return "no statistics" return an empty tensor instead.
+#include <torch/library.h>
+
+TORCH_LIBRARY(vsam_ext, m) {
+  m.def("segment_sumsq(Tensor x, int[] bounds, Tensor? weight) -> Tensor");
+  m.def("perturb(Tensor(a!) param, Tensor grad, Tensor scale, Tensor(b!) backup, bool adaptive, "
+        "Tensor(c!)? grad_keep) -> ()");
+  m.def("restore_psf_stats(Tensor(a!) param, Tensor backup, Tensor grad_sam, Tensor(b!)? psf, "
+        "int stat_start) -> Tensor");
+  m.def("reuse(Tensor(a!) grad, Tensor psf, float coeff) -> ()");
+  m.def("sgd_step(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor(c!)? psf, "
+        "Tensor? backup, float coeff, int stat_start, float lr, float weight_decay, float momentum, "
+        "float dampening, bool nesterov, bool maximize, bool first) -> Tensor");
+  m.def("adamw_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+        "Tensor(d!)? psf, Tensor? backup, float coeff, int stat_start, float lr, float beta1, "
+        "float beta2, float eps, float weight_decay, int step, bool maximize) -> Tensor");
+}

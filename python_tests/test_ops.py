@@ -1,0 +1,261 @@
+"""Every fused op on every available backend against the reference (eager torch) backend.
+
+Backends run on the tensors they serve: ``cpu`` on CPU tensors, ``cuda`` on CUDA tensors,
+``triton`` on CUDA tensors or, without a GPU, on CPU tensors under TRITON_INTERPRET=1.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from vsam_ext.ops import available_backends, backend_module, reference as R
+
+SIZES = [0, 1, 3, 1023, 278011]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def _device_for(name):
+    if name == "cuda":
+        return "cuda"
+    if name == "triton":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cpu"
+
+
+BACKENDS = [pytest.param(b, id=b) for b in available_backends() if b != "reference"]
+if not BACKENDS:
+    BACKENDS = [pytest.param("none", marks=pytest.mark.skip(reason="only the reference backend is built"))]
+
+
+def _tol(dtype):
+    # fp32 maths in both; a 16-bit result may differ by one rounding (FMA vs separate ops).
+    return {torch.float32: (2e-6, 1e-6), torch.float64: (1e-12, 1e-13),
+            torch.bfloat16: (2 ** -7, 1e-6), torch.float16: (2 ** -10, 1e-6)}[dtype]
+
+
+def assert_close(got, want, dtype=None):
+    dtype = dtype or want.dtype
+    rtol, atol = _tol(dtype)
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=rtol, atol=atol)
+
+
+def _rand(n, dtype, device, seed, positive=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    x = x.abs() + 0.1 if positive else x
+    return x.to(dtype).to(device)
+
+
+def _pair(n, dtype, device, seed=0, **kw):
+    x = _rand(n, dtype, device, seed, **kw)
+    return x, x.clone().cpu()
+
+
+def _ops(backend):
+    return backend_module(backend)
+
+
+def _layouts(n):
+    if n == 0:
+        return [[0, 0], [0, 0, 0]]
+    cuts = [[0, n], [0, 0, n, n], [0, 1, 1, n // 2, n // 2, n]]
+    if n > 3:
+        cuts.append([0] + sorted({(i * 7919) % n for i in range(1, 17)}) + [n])
+    return cuts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+def test_segment_sumsq(backend, dtype, n):
+    dev = _device_for(backend)
+    x = _rand(n, dtype, dev, 1)
+    w = _rand(n, dtype, dev, 2)
+    for bounds in _layouts(n):
+        for weight in (None, w):
+            got = _ops(backend).segment_sumsq(x, bounds, weight)
+            want = R.segment_sumsq(x.cpu(), bounds, None if weight is None else weight.cpu())
+            assert got.dtype == torch.float32 and got.shape == (len(bounds) - 1,)
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_perturb(backend, dtype, n, adaptive):
+    dev = _device_for(backend)
+    p, p_ref = _pair(n, dtype, dev, 3)
+    g, g_ref = _pair(n, dtype, dev, 4)
+    scale = torch.tensor(0.037, device=dev)
+    backup, backup_ref = torch.empty_like(p), torch.empty_like(p_ref)
+    keep, keep_ref = torch.empty_like(p), torch.empty_like(p_ref)
+    for _ in range(2):             # twice in a row: the second call starts from the first's result
+        _ops(backend).perturb(p, g, scale, backup, adaptive, keep)
+        R.perturb(p_ref, g_ref, scale.cpu(), backup_ref, adaptive, keep_ref)
+        assert_close(p, p_ref)
+        assert torch.equal(backup.cpu(), backup_ref) and torch.equal(keep.cpu(), g_ref)
+    _ops(backend).perturb(p, g, scale, backup, adaptive, None)      # grad_keep is optional
+    R.perturb(p_ref, g_ref, scale.cpu(), backup_ref, adaptive, None)
+    assert_close(p, p_ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+def test_restore_psf_stats(backend, dtype, n):
+    dev = _device_for(backend)
+    for stat_start in sorted({0, n // 3, n}):
+        p, p_ref = _pair(n, dtype, dev, 5)
+        backup, backup_ref = _pair(n, dtype, dev, 6)
+        gs, gs_ref = _pair(n, dtype, dev, 7)
+        psf, psf_ref = _pair(n, dtype, dev, 8)
+        got = _ops(backend).restore_psf_stats(p, backup, gs, psf, stat_start)
+        want = R.restore_psf_stats(p_ref, backup_ref, gs_ref, psf_ref, stat_start)
+        assert torch.equal(p.cpu(), backup_ref)
+        assert_close(psf, psf_ref)
+        assert got.dtype == torch.float32 and got.shape == (2,)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+        assert _ops(backend).restore_psf_stats(p, backup, gs, None, stat_start) is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+def test_reuse(backend, dtype, n):
+    dev = _device_for(backend)
+    g, g_ref = _pair(n, dtype, dev, 9)
+    psf, psf_ref = _pair(n, dtype, dev, 10)
+    for a in (1, 2, 3):
+        _ops(backend).reuse(g, psf, 0.7 ** a)
+        R.reuse(g_ref, psf_ref, 0.7 ** a)
+        assert_close(g, g_ref)
+
+
+SGD_CONFIGS = [
+    dict(lr=0.1, weight_decay=0.0, momentum=0.0, dampening=0.0, nesterov=False, maximize=False),
+    dict(lr=0.05, weight_decay=5e-4, momentum=0.9, dampening=0.0, nesterov=False, maximize=False),
+    dict(lr=0.05, weight_decay=1e-2, momentum=0.9, dampening=0.1, nesterov=False, maximize=True),
+    dict(lr=0.05, weight_decay=5e-4, momentum=0.9, dampening=0.0, nesterov=True, maximize=False),
+]
+MODES = ["plain", "reuse", "restore", "restore_psf"]
+
+
+def _mode_args(mode, n, dtype, dev, seed):
+    psf = backup = None
+    if mode in ("reuse", "restore_psf"):
+        psf = _pair(n, dtype, dev, seed + 1)
+    if mode in ("restore", "restore_psf"):
+        backup = _pair(n, dtype, dev, seed + 2)
+    return psf, backup
+
+
+def _split(pair, i):
+    return None if pair is None else pair[i]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [0, 3, 1023, 278011])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cfg", range(len(SGD_CONFIGS)))
+def test_sgd_step(backend, dtype, n, mode, cfg):
+    dev, hp = _device_for(backend), SGD_CONFIGS[cfg]
+    p, p_ref = _pair(n, dtype, dev, 11)
+    buf, buf_ref = (torch.zeros_like(p), torch.zeros_like(p_ref)) if hp["momentum"] else (None, None)
+    for step in range(3):          # state carried from call to call; `first` on the first
+        g, g_ref = _pair(n, dtype, dev, 20 + step)
+        psf, backup = _mode_args(mode, n, dtype, dev, 30 + 3 * step)
+        args = (0.7 ** (step + 1), n // 2, hp["lr"], hp["weight_decay"], hp["momentum"], hp["dampening"],
+                hp["nesterov"], hp["maximize"], step == 0)
+        got = _ops(backend).sgd_step(p, g, buf, _split(psf, 0), _split(backup, 0), *args)
+        want = R.sgd_step(p_ref, g_ref, buf_ref, _split(psf, 1), _split(backup, 1), *args)
+        assert_close(p, p_ref)
+        if buf is not None:
+            assert_close(buf, buf_ref)
+        if psf is not None:
+            assert_close(psf[0], psf[1])
+        assert torch.equal(g.cpu(), g_ref)          # the grad buffer is not written
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+ADAMW_CONFIGS = [
+    dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, maximize=False),
+    dict(lr=3e-4, beta1=0.8, beta2=0.95, eps=1e-6, weight_decay=0.0, maximize=True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [0, 3, 1023, 278011])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cfg", range(len(ADAMW_CONFIGS)))
+def test_adamw_step(backend, dtype, n, mode, cfg):
+    dev, hp = _device_for(backend), ADAMW_CONFIGS[cfg]
+    p, p_ref = _pair(n, dtype, dev, 12)
+    m, m_ref = torch.zeros_like(p), torch.zeros_like(p_ref)
+    v, v_ref = torch.zeros_like(p), torch.zeros_like(p_ref)
+    for step in range(1, 4):
+        g, g_ref = _pair(n, dtype, dev, 40 + step)
+        psf, backup = _mode_args(mode, n, dtype, dev, 50 + 3 * step)
+        args = (0.7 ** step, n // 2, hp["lr"], hp["beta1"], hp["beta2"], hp["eps"], hp["weight_decay"], step,
+                hp["maximize"])
+        got = _ops(backend).adamw_step(p, g, m, v, _split(psf, 0), _split(backup, 0), *args)
+        want = R.adamw_step(p_ref, g_ref, m_ref, v_ref, _split(psf, 1), _split(backup, 1), *args)
+        assert_close(p, p_ref)
+        assert_close(m, m_ref)
+        assert_close(v, v_ref)
+        assert (got is None) == (want is None)
+        if want is not None:
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_property_random_layouts(backend, data):
+    dev = _device_for(backend)
+    dtype = data.draw(st.sampled_from(DTYPES))
+    sizes = data.draw(st.lists(st.integers(0, 3000), min_size=1, max_size=6))
+    n = sum(sizes)
+    bounds = [0]
+    for s in sizes:
+        bounds.append(bounds[-1] + s)
+    seed = data.draw(st.integers(0, 2 ** 16))
+    x, x_ref = _pair(n, dtype, dev, seed)
+    w, w_ref = _pair(n, dtype, dev, seed + 1)
+    torch.testing.assert_close(_ops(backend).segment_sumsq(x, bounds, w).cpu(),
+                               R.segment_sumsq(x_ref, bounds, w_ref), rtol=1e-5, atol=1e-6)
+    stat_start = data.draw(st.sampled_from(bounds))
+    p, p_ref = _pair(n, dtype, dev, seed + 2)
+    gs, gs_ref = _pair(n, dtype, dev, seed + 3)
+    got = _ops(backend).sgd_step(p, gs, None, x, w, 0.0, stat_start, 0.1, 0.0, 0.0, 0.0, False, False, True)
+    want = R.sgd_step(p_ref, gs_ref, None, x_ref, w_ref, 0.0, stat_start, 0.1, 0.0, 0.0, 0.0, False, False, True)
+    assert_close(p, p_ref)
+    assert_close(x, x_ref)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_matches_torch_optimizers_in_float64():
+    """The oracle itself: its fused SGD/AdamW steps are torch.optim's maths."""
+    torch.manual_seed(0)
+    for cls, kw in [(torch.optim.SGD, dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01)),
+                    (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01, maximize=True)),
+                    (torch.optim.AdamW, dict(lr=0.01, weight_decay=0.1, betas=(0.8, 0.95)))]:
+        p = torch.randn(1000, dtype=torch.float64, requires_grad=True)
+        q = p.detach().clone()
+        opt = cls([p], **kw)
+        m, v = torch.zeros_like(q), torch.zeros_like(q)
+        for t in range(1, 6):
+            g = torch.randn(1000, dtype=torch.float64)
+            p.grad = g.clone()
+            opt.step()
+            if cls is torch.optim.SGD:
+                R.sgd_step(q, g, m, None, None, 0.0, 0, kw["lr"], kw["weight_decay"], kw["momentum"],
+                           kw.get("dampening", 0.0), kw.get("nesterov", False), kw.get("maximize", False), t == 1)
+            else:
+                R.adamw_step(q, g, m, v, None, None, 0.0, 0, kw["lr"], 0.8, 0.95, 1e-8, kw["weight_decay"], t, False)
+        torch.testing.assert_close(p.detach(), q, rtol=1e-13, atol=1e-14)
