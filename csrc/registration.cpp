@@ -21,3 +21,12 @@ TORCH_LIBRARY(vsam_ext, m) {
         "Tensor(d!)? psf, Tensor? backup, float coeff, int stat_start, float lr, float beta1, "
         "float beta2, float eps, float weight_decay, int step, bool maximize) -> Tensor");
 }
+
+// A module init so that `import vsam_ext._C` loads the library (and with it the registrations
+// above) without pybind11: the ops are reached through torch.ops, not through this module.
+#include <Python.h>
+
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -59,7 +59,7 @@ def _ops(backend):
 def _layouts(n):
     if n == 0:
         return [[0, 0], [0, 0, 0]]
-    cuts = [[0, n], [0, 0, n, n], [0, 1, 1, n // 2, n // 2, n]]
+    cuts = [[0, n], [0, 0, n, n], sorted([0, 1, 1, n // 2, n // 2, n])]
     if n > 3:
         cuts.append([0] + sorted({(i * 7919) % n for i in range(1, 17)}) + [n])
     return cuts
@@ -259,3 +259,24 @@ def test_reference_matches_torch_optimizers_in_float64():
             else:
                 R.adamw_step(q, g, m, v, None, None, 0.0, 0, kw["lr"], 0.8, 0.95, 1e-8, kw["weight_decay"], t, False)
         torch.testing.assert_close(p.detach(), q, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.skipif("cpu" not in available_backends(), reason="cpu extension not built")
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    """Fixed chunks and ordered partial sums: 1 thread and 2 threads give identical bits."""
+    ops = backend_module("cpu")
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            x = _rand(1_000_003, torch.float32, "cpu", 1)
+            p, g, backup, psf = (_rand(1_000_003, torch.float32, "cpu", s) for s in (2, 3, 4, 5))
+            m = torch.zeros_like(p)
+            sums = ops.segment_sumsq(x, [0, 17, 500_000, 1_000_003])
+            stats = ops.sgd_step(p, g, m, psf, backup, 0.0, 1000, 0.1, 1e-4, 0.9, 0.0, False, False, True)
+            results.append((sums, stats, p, m, psf))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

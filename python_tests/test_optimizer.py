@@ -60,7 +60,7 @@ def test_param_groups_with_different_lr_and_weight_decay_match_base_with_rho_zer
         return [{"params": model[0].parameters(), "lr": 0.2, "weight_decay": 1e-2},
                 {"params": list(model[2].parameters()) + list(model[4].parameters()), "lr": 0.05}]
     a, b = make_mlp(), make_mlp()
-    opt_a = SAM(groups(a), torch.optim.SGD, rho=0.0, lr=0.1, momentum=0.9)
+    opt_a = SAM(groups(a), torch.optim.SGD, rho=0.0, lr=0.1, momentum=0.9, fused_base=False)
     opt_b = torch.optim.SGD(groups(b), lr=0.1, momentum=0.9)
     for t in range(5):
         opt_a.step(closure_for(a, opt_a, t))

@@ -3,14 +3,16 @@
 One step, on flat buffers (see ``vsam_ext.flat``):
 
     closure #1 -> g in the flat grad buffer
-    controller.decide()  (host, no sync) -- cheap step? --> [reuse hook] -> base step
+    controller.decide()  (host, no sync) -- cheap step? --> [reuse g + coeff*PSF] + base step
                                              | SAM step
     norm pass -> device scalar rho/(||g||+eps); perturb pass (saves the weights)
     closure #2 at w + e (BatchNorm running statistics frozen)
-    restore pass [+ PSF + statistics] -> base step with g_sam
+    restore pass [+ PSF + statistics] + base step with g_sam
 
-Subclasses pick the controller and may override ``_keep_first_grad``, ``_finish_sam_step``
-and ``_before_cheap_step``. The maths lives in the backend ops (``vsam_ext.ops``).
+For torch.optim.SGD and AdamW the restore (or the reuse) and the base step are one fused pass
+(``_fused_base``); any other base optimizer runs ``base.step()`` on the final gradient.
+Subclasses pick the controller and may override ``_record_psf`` and ``_reuse_coeff``. The
+maths lives in the backend ops (``vsam_ext.ops``).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import torch
 from .. import ops
 from ..flat import FlatParams
 from . import _bn
+from ._fused_base import fused_base_for
 
 __all__ = ["TwoPassOptimizer"]
 
@@ -50,7 +53,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, base_optimizer, controller, *, rho: float = 0.05,
                  adaptive: bool = False, model: Optional[torch.nn.Module] = None,
-                 backend: Optional[str] = None, stat_tensors: Optional[int] = None, **base_kwargs) -> None:
+                 backend: Optional[str] = None, stat_tensors: Optional[int] = None, fused_base: bool = True,
+                 **base_kwargs) -> None:
         rho = check_rho(rho)
         if not isinstance(adaptive, bool):
             raise TypeError(f"adaptive must be a bool, got {type(adaptive).__name__}")
@@ -87,6 +91,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         if not self.flat.managed:
             raise ValueError("params: no parameter requires grad, so there is nothing to optimize")
         self.backend, self._ops = ops.resolve_backend(backend, [b.device for b in self.flat.buffers])
+        self._fused_base = fused_base_for(self.base_optimizer) if fused_base else None
         self._phase: Optional[str] = None      # None, "sam" (between the passes) or "cheap"
         self._inactive: List[torch.Tensor] = []
         self._bn_flags: List[bool] = []
@@ -155,13 +160,31 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         and take the base optimizer's step. ``zero_grad=True`` zeroes the gradients after."""
         if self._phase is None:
             raise RuntimeError("second_step() called without first_step()")
+        fused = self._fused_base if (self._fused_base is not None and not self._inactive and
+                                     self._fused_base.prepare(self.flat.buffers, self.param_groups)) else None
+        wants_psf = self.controller.wants_psf
         if self._phase == "sam":
             _bn.unfreeze_running_stats(self._bn_modules, self._bn_flags)
-            self._finish_sam_step()
+            pairs = []
+            for b in self.flat.buffers:
+                psf = b.psf if wants_psf else None
+                if fused is not None:
+                    pairs.append(fused.step(self._ops, b, self.param_groups[b.group_index], psf, b.backup, 0.0))
+                else:
+                    pairs.append(self._ops.restore_psf_stats(b.param, b.backup, b.grad, psf, b.stat_start))
+            if wants_psf:
+                self._record_psf(pairs)
         else:
-            self._before_cheap_step()
+            coeff = self._reuse_coeff()
+            for b in self.flat.buffers:
+                psf = b.psf if coeff != 0.0 else None
+                if fused is not None:
+                    fused.step(self._ops, b, self.param_groups[b.group_index], psf, None, coeff)
+                elif psf is not None:
+                    self._ops.reuse(b.grad, psf, coeff)
         self._phase = None
-        self._base_step()
+        if fused is None:
+            self._base_step()
         if zero_grad:
             self.zero_grad()
 
@@ -173,7 +196,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                                         b.param if self.param_groups[b.group_index]["adaptive"] else None)
                 for b in bufs]
         norm = torch.cat([s.to(home, non_blocking=True) for s in sums]).sum().sqrt()
-        keep = self._keep_first_grad()
+        keep = self.controller.wants_psf
         for b in bufs:
             group = self.param_groups[b.group_index]
             scale = (group["rho"] / (norm + EPS)).to(b.device, non_blocking=True)
@@ -185,6 +208,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                               b.psf if keep else None)
 
     def _base_step(self) -> None:
+        if self._fused_base is not None:
+            self._fused_base.invalidate()    # base.step() may replace or create state tensors
         for p in self._inactive:             # got no gradient: the base optimizer skips it
             p.grad = None
         try:
@@ -206,16 +231,12 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._inactive = []
 
     # -- hooks for subclasses ------------------------------------------------------------
-    def _keep_first_grad(self) -> bool:
-        """Whether the perturb pass copies ``g`` aside (vSAM needs it for the PSF)."""
-        return False
+    def _record_psf(self, pairs) -> None:
+        """After a SAM step of a controller that wants the PSF: the per-buffer statistics pairs."""
 
-    def _finish_sam_step(self) -> None:
-        for b in self.flat.buffers:
-            self._ops.restore_psf_stats(b.param, b.backup, b.grad, None, b.numel)
-
-    def _before_cheap_step(self) -> None:
-        pass
+    def _reuse_coeff(self) -> float:
+        """On a cheap step: the weight of the stored PSF added to the gradient (0: none)."""
+        return 0.0
 
     def _feed_stats(self, before_decide: bool = False) -> None:
         pass
@@ -261,6 +282,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+        if self._fused_base is not None:
+            self._fused_base.invalidate()
         self.controller.load_state_dict(ours["controller"])
         self._load_extra_state(ours["extra"])
 

@@ -37,13 +37,8 @@ class VSAM(TwoPassOptimizer):
         super().__init__(params, base_optimizer, controller, rho=rho, adaptive=adaptive, model=model,
                          backend=backend, stat_tensors=stat_tensors, **base_kwargs)
 
-    def _keep_first_grad(self) -> bool:
-        return True
-
-    def _finish_sam_step(self) -> None:
-        bufs = self.flat.buffers
-        home = bufs[0].device
-        pairs = [self._ops.restore_psf_stats(b.param, b.backup, b.grad, b.psf, b.stat_start) for b in bufs]
+    def _record_psf(self, pairs) -> None:
+        home = self.flat.buffers[0].device
         sums = torch.stack([x.to(home, non_blocking=True) for x in pairs]).sum(0)
         if self._pending.full():
             self._feed_stats()
@@ -51,12 +46,11 @@ class VSAM(TwoPassOptimizer):
         self.psf_age = 0
         self.has_psf = True
 
-    def _before_cheap_step(self) -> None:
+    def _reuse_coeff(self) -> float:
         self.psf_age += 1
         if self.has_psf and self.psf_age <= self.max_reuse and self.reuse_decay > 0:
-            coeff = self.reuse_decay ** self.psf_age
-            for b in self.flat.buffers:
-                self._ops.reuse(b.grad, b.psf, coeff)
+            return self.reuse_decay ** self.psf_age
+        return 0.0
 
     def _feed_stats(self, before_decide: bool = False) -> None:
         """Hand queued statistics to the controller: always when asked outside a step, and before

@@ -1,0 +1,327 @@
+// CPU (C++/OpenMP through at::parallel_for) kernels of the vsam_ext ops; the semantics are
+// those of vsam_ext/ops/reference.py. Work is cut into fixed chunks, so every reduction is a
+// per-chunk partial (double accumulators) summed in chunk order: results do not depend on the
+// number of threads. Maths in float (double for double buffers), one rounding per store.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+constexpr int64_t kChunk = 1 << 15;
+
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+void check_buffer(const Tensor& t, const Tensor& like, const char* name) {
+  TORCH_CHECK(t.device() == like.device(), name, ": expected device ", like.device(), ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), name, ": expected dtype ", like.scalar_type(), ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), name, ": expected a 1-D contiguous buffer");
+  TORCH_CHECK(t.numel() == like.numel(), name, ": expected ", like.numel(), " elements, got ", t.numel());
+}
+
+void check_first(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, ": the cpu backend takes CPU tensors");
+  TORCH_CHECK(t.dim() == 1 && t.is_contiguous(), name, ": expected a 1-D contiguous buffer");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, ": expected a floating-point buffer");
+}
+
+template <typename T>
+const T* ptr_or_null(const c10::optional<Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// Runs f(begin, end, chunk_index) over [0, n) in fixed chunks, in parallel.
+template <typename F>
+void for_chunks(int64_t n, const F& f) {
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  // Below two chunks a parallel region costs more than it saves.
+  at::parallel_for(0, chunks, 2, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) f(c * kChunk, std::min(n, (c + 1) * kChunk), c);
+  });
+}
+
+// Sum of squares with 8 independent double lanes (vectorisable, accurate).
+template <typename Load>
+double sumsq_range(int64_t begin, int64_t end, const Load& load) {
+  double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8)
+    for (int k = 0; k < 8; ++k) {
+      double v = load(i + k);
+      lanes[k] += v * v;
+    }
+  for (; i < end; ++i) {
+    double v = load(i);
+    lanes[0] += v * v;
+  }
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+}
+
+// The statistics pair (sum g^2, sum PSF^2) over [stat_start, n), as an fp32 tensor, from
+// per-chunk partials; empty tensor when there are none.
+struct Stats {
+  std::vector<double> g, psf;
+  explicit Stats(int64_t n) : g((n + kChunk - 1) / kChunk, 0.0), psf((n + kChunk - 1) / kChunk, 0.0) {}
+  Tensor result() const {
+    double sg = 0, sp = 0;
+    for (size_t c = 0; c < g.size(); ++c) { sg += g[c]; sp += psf[c]; }
+    Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kFloat));
+    out.data_ptr<float>()[0] = static_cast<float>(sg);
+    out.data_ptr<float>()[1] = static_cast<float>(sp);
+    return out;
+  }
+};
+
+Tensor no_stats() { return at::empty({0}, at::TensorOptions().dtype(at::kFloat)); }
+
+// ---------------------------------------------------------------------------------------------
+Tensor segment_sumsq(const Tensor& x, at::IntArrayRef bounds, const c10::optional<Tensor>& weight) {
+  check_first(x, "x");
+  if (weight.has_value()) check_buffer(*weight, x, "weight");
+  TORCH_CHECK(!bounds.empty(), "bounds: expected at least one boundary");
+  const int64_t nseg = static_cast<int64_t>(bounds.size()) - 1;
+  for (int64_t s = 0; s < nseg; ++s)
+    TORCH_CHECK(0 <= bounds[s] && bounds[s] <= bounds[s + 1] && bounds[s + 1] <= x.numel(),
+                "bounds: must be non-decreasing within [0, ", x.numel(), "]");
+  struct Job { int64_t seg, begin, end; };
+  std::vector<Job> jobs;
+  for (int64_t s = 0; s < nseg; ++s)
+    for (int64_t b = bounds[s]; b < bounds[s + 1]; b += kChunk) jobs.push_back({s, b, std::min(bounds[s + 1], b + kChunk)});
+  std::vector<double> partial(jobs.size(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segment_sumsq", [&] {
+    using a_t = acc_t<scalar_t>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = ptr_or_null<scalar_t>(weight);
+    at::parallel_for(0, static_cast<int64_t>(jobs.size()), 2, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const Job& job = jobs[j];
+        partial[j] = wp ? sumsq_range(job.begin, job.end, [&](int64_t i) {
+                            return static_cast<double>(std::abs(static_cast<a_t>(wp[i])) * static_cast<a_t>(xp[i]));
+                          })
+                        : sumsq_range(job.begin, job.end, [&](int64_t i) { return static_cast<double>(xp[i]); });
+      }
+    });
+  });
+  std::vector<double> sums(nseg, 0.0);
+  for (size_t j = 0; j < jobs.size(); ++j) sums[jobs[j].seg] += partial[j];
+  Tensor out = at::zeros({nseg}, at::TensorOptions().dtype(at::kFloat));
+  for (int64_t s = 0; s < nseg; ++s) out.data_ptr<float>()[s] = static_cast<float>(sums[s]);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+void perturb(const Tensor& param, const Tensor& grad, const Tensor& scale, const Tensor& backup, bool adaptive,
+             const c10::optional<Tensor>& grad_keep) {
+  check_first(param, "param");
+  check_buffer(grad, param, "grad");
+  check_buffer(backup, param, "backup");
+  if (grad_keep.has_value()) check_buffer(*grad_keep, param, "grad_keep");
+  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat && scale.device().is_cpu(),
+              "scale: expected a 1-element fp32 CPU tensor");
+  const float s = scale.data_ptr<float>()[0];
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "perturb", [&] {
+    using a_t = acc_t<scalar_t>;
+    scalar_t* p = param.data_ptr<scalar_t>();
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    scalar_t* b = backup.data_ptr<scalar_t>();
+    scalar_t* keep = grad_keep.has_value() ? grad_keep->data_ptr<scalar_t>() : nullptr;
+    const a_t sc = static_cast<a_t>(s);
+    for_chunks(param.numel(), [&](int64_t i0, int64_t i1, int64_t) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const a_t w = static_cast<a_t>(p[i]);
+        const a_t gi = static_cast<a_t>(g[i]);
+        b[i] = p[i];
+        if (keep) keep[i] = g[i];
+        a_t step = gi * sc;
+        if (adaptive) step = step * w * w;
+        p[i] = static_cast<scalar_t>(w + step);
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shared front of the fused steps: restore (+ PSF + statistics) or reuse, giving the final
+// gradient d of element i. Restore mode: backup != nullptr.
+template <typename scalar_t>
+struct FinalGrad {
+  using a_t = acc_t<scalar_t>;
+  scalar_t* p;
+  const scalar_t* g;
+  scalar_t* psf;
+  const scalar_t* backup;
+  a_t coeff;
+  int64_t stat_start;
+  bool maximize;
+
+  // Returns d; in restore mode writes p[i] <- backup[i] and psf[i] <- g[i] - psf[i].
+  inline a_t operator()(int64_t i, double& acc_g, double& acc_psf) const {
+    a_t d = static_cast<a_t>(g[i]);
+    if (backup) {
+      p[i] = backup[i];
+      if (psf) {
+        const a_t old = static_cast<a_t>(psf[i]);
+        psf[i] = static_cast<scalar_t>(d - old);
+        if (i >= stat_start) {
+          const double nv = static_cast<double>(static_cast<a_t>(psf[i]));
+          acc_g += static_cast<double>(old) * old;
+          acc_psf += nv * nv;
+        }
+      }
+    } else if (psf && coeff != a_t(0)) {
+      d = d + coeff * static_cast<a_t>(psf[i]);
+    }
+    return maximize ? -d : d;
+  }
+};
+
+Tensor restore_psf_stats(const Tensor& param, const Tensor& backup, const Tensor& grad_sam,
+                         const c10::optional<Tensor>& psf, int64_t stat_start) {
+  check_first(param, "param");
+  check_buffer(backup, param, "backup");
+  check_buffer(grad_sam, param, "grad_sam");
+  if (psf.has_value()) check_buffer(*psf, param, "psf");
+  const int64_t n = param.numel();
+  Stats stats(n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "restore_psf_stats", [&] {
+    FinalGrad<scalar_t> fg{param.data_ptr<scalar_t>(), grad_sam.data_ptr<scalar_t>(),
+                           psf.has_value() ? psf->data_ptr<scalar_t>() : nullptr, backup.data_ptr<scalar_t>(),
+                           0, stat_start, false};
+    for_chunks(n, [&](int64_t i0, int64_t i1, int64_t c) {
+      double ag = 0, ap = 0;
+      for (int64_t i = i0; i < i1; ++i) fg(i, ag, ap);
+      stats.g[c] = ag;
+      stats.psf[c] = ap;
+    });
+  });
+  return psf.has_value() ? stats.result() : no_stats();
+}
+
+void reuse(const Tensor& grad, const Tensor& psf, double coeff) {
+  check_first(grad, "grad");
+  check_buffer(psf, grad, "psf");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "reuse", [&] {
+    using a_t = acc_t<scalar_t>;
+    scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t* f = psf.data_ptr<scalar_t>();
+    const a_t c = static_cast<a_t>(coeff);
+    for_chunks(grad.numel(), [&](int64_t i0, int64_t i1, int64_t) {
+      for (int64_t i = i0; i < i1; ++i) g[i] = static_cast<scalar_t>(static_cast<a_t>(g[i]) + c * static_cast<a_t>(f[i]));
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+void check_step_inputs(const Tensor& param, const Tensor& grad, const c10::optional<Tensor>& psf,
+                       const c10::optional<Tensor>& backup) {
+  check_first(param, "param");
+  check_buffer(grad, param, "grad");
+  if (psf.has_value()) check_buffer(*psf, param, "psf");
+  if (backup.has_value()) check_buffer(*backup, param, "backup");
+}
+
+Tensor sgd_step(const Tensor& param, const Tensor& grad, const c10::optional<Tensor>& momentum_buffer,
+                const c10::optional<Tensor>& psf, const c10::optional<Tensor>& backup, double coeff,
+                int64_t stat_start, double lr, double weight_decay, double momentum, double dampening,
+                bool nesterov, bool maximize, bool first) {
+  check_step_inputs(param, grad, psf, backup);
+  TORCH_CHECK(momentum == 0.0 || momentum_buffer.has_value(), "momentum_buffer: required when momentum != 0");
+  if (momentum_buffer.has_value()) check_buffer(*momentum_buffer, param, "momentum_buffer");
+  const int64_t n = param.numel();
+  Stats stats(n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "sgd_step", [&] {
+    using a_t = acc_t<scalar_t>;
+    FinalGrad<scalar_t> fg{param.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                           psf.has_value() ? psf->data_ptr<scalar_t>() : nullptr,
+                           backup.has_value() ? backup->data_ptr<scalar_t>() : nullptr,
+                           static_cast<a_t>(coeff), stat_start, maximize};
+    scalar_t* p = param.data_ptr<scalar_t>();
+    scalar_t* buf = momentum != 0.0 ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
+    const a_t lr_ = static_cast<a_t>(lr), wd = static_cast<a_t>(weight_decay), mom = static_cast<a_t>(momentum),
+              damp1 = static_cast<a_t>(1.0 - dampening);
+    for_chunks(n, [&](int64_t i0, int64_t i1, int64_t c) {
+      double ag = 0, ap = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        a_t d = fg(i, ag, ap);
+        const a_t w = static_cast<a_t>(p[i]);
+        if (wd != a_t(0)) d = d + wd * w;
+        if (buf) {
+          const a_t b = first ? d : mom * static_cast<a_t>(buf[i]) + damp1 * d;
+          buf[i] = static_cast<scalar_t>(b);
+          d = nesterov ? d + mom * b : b;
+        }
+        p[i] = static_cast<scalar_t>(w - lr_ * d);
+      }
+      stats.g[c] = ag;
+      stats.psf[c] = ap;
+    });
+  });
+  return (backup.has_value() && psf.has_value()) ? stats.result() : no_stats();
+}
+
+Tensor adamw_step(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq,
+                  const c10::optional<Tensor>& psf, const c10::optional<Tensor>& backup, double coeff,
+                  int64_t stat_start, double lr, double beta1, double beta2, double eps, double weight_decay,
+                  int64_t step, bool maximize) {
+  check_step_inputs(param, grad, psf, backup);
+  check_buffer(exp_avg, param, "exp_avg");
+  check_buffer(exp_avg_sq, param, "exp_avg_sq");
+  TORCH_CHECK(step >= 1, "step: expected >= 1 (the count after this step's increment), got ", step);
+  const int64_t n = param.numel();
+  Stats stats(n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "adamw_step", [&] {
+    using a_t = acc_t<scalar_t>;
+    FinalGrad<scalar_t> fg{param.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                           psf.has_value() ? psf->data_ptr<scalar_t>() : nullptr,
+                           backup.has_value() ? backup->data_ptr<scalar_t>() : nullptr,
+                           static_cast<a_t>(coeff), stat_start, maximize};
+    scalar_t* p = param.data_ptr<scalar_t>();
+    scalar_t* m = exp_avg.data_ptr<scalar_t>();
+    scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
+    const a_t decay = static_cast<a_t>(1.0 - lr * weight_decay), b1c = static_cast<a_t>(1.0 - beta1),
+              b2 = static_cast<a_t>(beta2), b2c = static_cast<a_t>(1.0 - beta2),
+              step_size = static_cast<a_t>(lr / (1.0 - std::pow(beta1, static_cast<double>(step)))),
+              bc2_sqrt = static_cast<a_t>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)))),
+              eps_ = static_cast<a_t>(eps);
+    for_chunks(n, [&](int64_t i0, int64_t i1, int64_t c) {
+      double ag = 0, ap = 0;
+      for (int64_t i = i0; i < i1; ++i) {
+        const a_t d = fg(i, ag, ap);
+        const a_t w = static_cast<a_t>(p[i]) * decay;
+        const a_t mi = static_cast<a_t>(m[i]);
+        const a_t m_new = mi + b1c * (d - mi);
+        const a_t v_new = b2 * static_cast<a_t>(v[i]) + b2c * d * d;
+        m[i] = static_cast<scalar_t>(m_new);
+        v[i] = static_cast<scalar_t>(v_new);
+        const a_t denom = std::sqrt(v_new) / bc2_sqrt + eps_;
+        p[i] = static_cast<scalar_t>(w - step_size * m_new / denom);
+      }
+      stats.g[c] = ag;
+      stats.psf[c] = ap;
+    });
+  });
+  return (backup.has_value() && psf.has_value()) ? stats.result() : no_stats();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vsam_ext, CPU, m) {
+  m.impl("segment_sumsq", &segment_sumsq);
+  m.impl("perturb", &perturb);
+  m.impl("restore_psf_stats", &restore_psf_stats);
+  m.impl("reuse", &reuse);
+  m.impl("sgd_step", &sgd_step);
+  m.impl("adamw_step", &adamw_step);
+}

@@ -1,0 +1,179 @@
+"""The base optimizer's step taken inside the fused ops, for torch.optim.SGD and AdamW.
+
+The base optimizer keeps owning its state: its per-parameter tensors (``momentum_buffer``;
+``exp_avg``, ``exp_avg_sq``, ``step``) become views of flat buffers that the fused kernels
+update in one pass. ``state_dict()``, LR schedulers and a fallback to ``base.step()`` (some
+parameter got no gradient, an unsupported option) therefore keep working: after a fallback,
+the state is gathered back into the flat buffers before the next fused step.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from ..flat import FlatBuffer
+
+__all__ = ["fused_base_for"]
+
+
+def _is_float(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+class _FusedBase:
+    keys: tuple = ()
+
+    def __init__(self, base: torch.optim.Optimizer) -> None:
+        self.base = base
+        self.flat_state: dict = {}     # id(FlatBuffer) -> {key: flat tensor}
+        self.valid = False             # the base's state tensors are our views
+
+    def invalidate(self) -> None:
+        self.valid = False
+
+    def _group_ok(self, group: dict) -> bool:
+        raise NotImplementedError
+
+    def prepare(self, buffers: List[FlatBuffer], groups: List[dict]) -> bool:
+        """Whether this step can be fused; gathers the base's state into flat buffers if needed."""
+        if not all(self._group_ok(groups[b.group_index]) for b in buffers):
+            return False
+        if self.valid:
+            return True
+        for b in buffers:
+            if not self._gather(b):
+                return False
+        self.valid = True
+        return True
+
+    def _gather(self, buf: FlatBuffer) -> bool:
+        """Make the base's state of ``buf``'s parameters views of flat tensors. False when the
+        parameters are in different states (some stepped, some not): the base steps them."""
+        states = [self.base.state.get(p) or {} for p in buf.params]
+        have = [all(s.get(k) is not None for k in self.keys) for s in states]
+        flat = self.flat_state.setdefault(id(buf), {k: buf.new_buffer() for k in self.keys})
+        if not any(have):
+            self._fresh(buf)
+            return True
+        if not all(have) or not self._consistent(states):
+            return False
+        for p, state, start in zip(buf.params, states, buf.offsets):
+            for k in self.keys:
+                view = flat[k][start:start + p.numel()].view(p.shape)
+                if state[k] is not view:
+                    view.copy_(state[k])
+                    state[k] = view
+        self._gathered(buf, states)
+        return True
+
+    def _install(self, buf: FlatBuffer) -> None:
+        flat = self.flat_state[id(buf)]
+        for p, start in zip(buf.params, buf.offsets):
+            state = self.base.state[p]
+            for k in self.keys:
+                state[k] = flat[k][start:start + p.numel()].view(p.shape)
+
+    def _fresh(self, buf: FlatBuffer) -> None:
+        pass
+
+    def _consistent(self, states) -> bool:
+        return True
+
+    def _gathered(self, buf: FlatBuffer, states) -> None:
+        pass
+
+
+class FusedSGD(_FusedBase):
+    """torch.optim.SGD: momentum, dampening, nesterov, weight decay, maximize."""
+
+    keys = ("momentum_buffer",)
+
+    def __init__(self, base: torch.optim.Optimizer) -> None:
+        super().__init__(base)
+        self.first = {}                # id(FlatBuffer) -> the momentum buffer starts at this step
+
+    def _group_ok(self, group: dict) -> bool:
+        return (_is_float(group["lr"]) and not group.get("differentiable", False)
+                and group.get("fused") in (None, False))
+
+    def _fresh(self, buf: FlatBuffer) -> None:
+        self.first[id(buf)] = True
+
+    def _gathered(self, buf: FlatBuffer, states) -> None:
+        self.first[id(buf)] = False
+
+    def prepare(self, buffers, groups) -> bool:
+        if not all(_is_float(groups[b.group_index]["momentum"]) for b in buffers):
+            return False
+        if all(groups[b.group_index]["momentum"] == 0 for b in buffers):
+            return all(self._group_ok(groups[b.group_index]) for b in buffers)
+        return super().prepare(buffers, groups)
+
+    def step(self, ops, buf: FlatBuffer, group: dict, psf, backup, coeff: float):
+        momentum = group["momentum"]
+        first = self.first.get(id(buf), True)
+        mbuf = self.flat_state[id(buf)]["momentum_buffer"] if momentum != 0 else None
+        stats = ops.sgd_step(buf.param, buf.grad, mbuf, psf, backup, coeff, buf.stat_start, group["lr"],
+                             group["weight_decay"], momentum, group["dampening"], group["nesterov"],
+                             group["maximize"], first)
+        if momentum != 0 and first:
+            self.first[id(buf)] = False
+            self._install(buf)
+        return stats
+
+
+class FusedAdamW(_FusedBase):
+    """torch.optim.AdamW (and Adam without weight decay): no amsgrad, capturable or fused."""
+
+    keys = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, base: torch.optim.Optimizer) -> None:
+        super().__init__(base)
+        self.steps = {}                # id(FlatBuffer) -> (per-parameter step tensor, count)
+
+    def _group_ok(self, group: dict) -> bool:
+        decoupled = isinstance(self.base, torch.optim.AdamW) or group.get("decoupled_weight_decay", False) \
+            or group["weight_decay"] == 0
+        return (decoupled and _is_float(group["lr"]) and not group.get("amsgrad", False)
+                and not group.get("capturable", False) and group.get("fused") in (None, False)
+                and not group.get("differentiable", False) and all(_is_float(b) for b in group["betas"]))
+
+    def _fresh(self, buf: FlatBuffer) -> None:
+        self.steps[id(buf)] = (torch.zeros(len(buf.params), dtype=torch.float32), 0)
+
+    def _consistent(self, states) -> bool:
+        steps = {float(s["step"]) for s in states if torch.is_tensor(s.get("step")) and s["step"].device.type == "cpu"}
+        return len(steps) == 1 and all(torch.is_tensor(s.get("step")) for s in states)
+
+    def _gathered(self, buf: FlatBuffer, states) -> None:
+        count = int(float(states[0]["step"]))
+        steps = torch.full((len(buf.params),), float(count), dtype=torch.float32)
+        for i, state in enumerate(states):
+            state["step"] = steps[i]
+        self.steps[id(buf)] = (steps, count)
+
+    def step(self, ops, buf: FlatBuffer, group: dict, psf, backup, coeff: float):
+        steps, count = self.steps[id(buf)]
+        count += 1
+        flat = self.flat_state[id(buf)]
+        beta1, beta2 = group["betas"]
+        stats = ops.adamw_step(buf.param, buf.grad, flat["exp_avg"], flat["exp_avg_sq"], psf, backup, coeff,
+                               buf.stat_start, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
+                               count, group["maximize"])
+        steps.add_(1.0)                # CPU tensor: the base's per-parameter 'step' stays right
+        self.steps[id(buf)] = (steps, count)
+        if count == 1:
+            self._install(buf)
+            for i, p in enumerate(buf.params):
+                self.base.state[p]["step"] = steps[i]
+        return stats
+
+
+def fused_base_for(base: torch.optim.Optimizer) -> Optional[_FusedBase]:
+    """The fused adapter for ``base``, or None when its step must run as ``base.step()``."""
+    if type(base) is torch.optim.SGD:
+        return FusedSGD(base)
+    if type(base) in (torch.optim.AdamW, torch.optim.Adam):
+        return FusedAdamW(base)
+    return None
