@@ -288,3 +288,15 @@ def test_sparse_gradients_are_refused():
         return loss
     with pytest.raises(TypeError, match="sparse"):
         opt.step(closure)
+
+
+def test_parameter_unfrozen_later_is_stepped_by_the_base_with_a_warning():
+    model = make_mlp()
+    model[0].bias.requires_grad_(False)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    run(model, opt, 1)
+    model[0].bias.requires_grad_(True)
+    before = model[0].bias.detach().clone()
+    with pytest.warns(UserWarning, match="frozen"):
+        run(model, opt, 2)
+    assert not torch.equal(model[0].bias.detach(), before)

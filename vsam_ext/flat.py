@@ -73,6 +73,7 @@ class FlatParams:
         self._hooks = []
         self.stat_tensors = stat_tensors
         self._warned_unmanaged = False
+        self.unmanaged: List[torch.Tensor] = []   # frozen at construction: the base optimizer's alone
 
     # -- construction -------------------------------------------------------------------
     def add_group(self, group_index: int, params: Sequence[torch.Tensor]) -> None:
@@ -85,6 +86,7 @@ class FlatParams:
             buckets.setdefault((p.device, p.dtype), []).append(p)
         for bucket in buckets.values():
             self.buffers.append(FlatBuffer(group_index, bucket))
+        self.unmanaged += [p for p in params if not p.requires_grad and id(p) not in self._ids]
         for p in params:
             if p.requires_grad and id(p) not in self._ids:
                 index = len(self.managed)
@@ -125,7 +127,7 @@ class FlatParams:
                 self._received[i] = False
             self._dirty = False
 
-    def check(self, param_groups) -> List[torch.Tensor]:
+    def check(self) -> List[torch.Tensor]:
         """Before a step: refuse re-pointed parameters, pull in gradients that landed outside
         the flat buffer (e.g. after ``model.zero_grad()`` set them to None), and return the
         managed parameters that got no gradient (they are left untouched this step)."""
@@ -147,15 +149,11 @@ class FlatParams:
                         view.zero_()
                     p.grad = view
                     self._dirty = True
-        if not self._warned_unmanaged:
-            for group in param_groups:
-                for p in group["params"]:
-                    if id(p) not in self._ids and p.grad is not None:
-                        warnings.warn("a parameter that was frozen when the optimizer was built now has a "
-                                      "gradient: the base optimizer steps it, without SAM perturbation; "
-                                      "build a new optimizer to include it", stacklevel=3)
-                        self._warned_unmanaged = True
-                        break
+        if not self._warned_unmanaged and any(p.grad is not None for p in self.unmanaged):
+            warnings.warn("a parameter that was frozen when the optimizer was built now has a gradient: "
+                          "the base optimizer steps it, without SAM perturbation; build a new optimizer "
+                          "to include it", stacklevel=3)
+            self._warned_unmanaged = True
         return [p for p, got in zip(self.managed, self._received) if not got]
 
     def state_layout(self) -> List[tuple]:

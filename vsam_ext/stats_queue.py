@@ -45,7 +45,14 @@ class DeferredStats:
         if self.count == 0:
             return []
         if self._event is not None:
-            self._event.synchronize()
+            # The one intended wait (once per window): exempt from torch's sync debug mode, so
+            # that mode can prove there is no other.
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode(0)
+            try:
+                self._event.synchronize()
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
             self._event = None
         values = [tuple(row) for row in self._host[:self.count].tolist()]
         self.count = 0

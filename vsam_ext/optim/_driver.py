@@ -111,10 +111,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         """Zero the gradients in place (the flat buffer stays; ``set_to_none`` is ignored for
         the parameters it holds)."""
         self.flat.zero_grads()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and id(p) not in self.flat._ids:
-                    p.grad = None
+        for p in self.flat.unmanaged:
+            p.grad = None
 
     # -- the step ------------------------------------------------------------------------
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
@@ -143,7 +141,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         accepted for davda54/sam compatibility; the gradients are always zeroed for pass 2.)"""
         if self._phase is not None:
             raise RuntimeError("first_step() called twice: call second_step() to finish the step first")
-        self._inactive = self.flat.check(self.param_groups)
+        self._inactive = self.flat.check()
         self._feed_stats(before_decide=True)
         if not self.controller.decide():
             self._phase = "cheap"

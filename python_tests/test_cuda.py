@@ -1,0 +1,79 @@
+"""Checks that need a GPU (skipped without one): no host-device sync on the hot path, the
+pinned statistics queue, and CUDA tensors through the whole optimizer."""
+import pytest
+import torch
+
+from vsam_ext import SAM, VSAM, PeriodicSAM, available_backends
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU_BACKENDS = [b for b in available_backends() if b in ("cuda", "triton", "reference")]
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
+                               torch.nn.Linear(64, 10)).cuda()
+
+
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
+def test_no_sync_in_200_vsam_steps(backend, base):
+    model = _model()
+    kw = dict(lr=0.01, momentum=0.9) if base is torch.optim.SGD else dict(lr=1e-3)
+    opt = VSAM(model.parameters(), base, backend=backend, window=10, slices=2, warmup_steps=20, model=model, **kw)
+    x = torch.randn(64, 32, device="cuda")
+    y = torch.randint(0, 10, (64,), device="cuda")
+
+    def closure():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    opt.step(closure)                       # lazy allocations happen outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(200):
+            opt.step(closure)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    s = opt.stats
+    assert s["steps"] == 201 and 20 < s["sam_steps"] < 201
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_vsam_matches_cpu_reference(backend):
+    def go(device, b):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double().to(device)
+        opt = VSAM(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, backend=b, window=6, slices=1,
+                   warmup_steps=5, stat_tensors=2)
+        dec = []
+        for t in range(80):
+            g = torch.Generator().manual_seed(t)
+            x = torch.randn(16, 8, generator=g, dtype=torch.float64).to(device)
+            y = torch.randint(0, 3, (16,), generator=g).to(device)
+
+            def closure():
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+            dec.append(opt.stats["last_step_sam"])
+        return dec, [p.detach().cpu() for p in model.parameters()]
+
+    dec_ref, p_ref = go("cpu", "reference")
+    dec, ps = go("cuda", backend)
+    assert dec == dec_ref
+    for a, b in zip(ps, p_ref):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_sam_and_periodic_run_on_cuda():
+    for cls, kw in ((SAM, {}), (PeriodicSAM, {"period": 3})):
+        model = _model()
+        opt = cls(model.parameters(), torch.optim.SGD, lr=0.01, model=model, **kw)
+        x = torch.randn(64, 32, device="cuda")
+        y = torch.randint(0, 10, (64,), device="cuda")
+        for _ in range(5):
+            opt.step(lambda: torch.nn.functional.cross_entropy(model(x), y).backward())
+        assert all(torch.isfinite(p).all() for p in model.parameters())
