@@ -147,7 +147,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             self._phase = "cheap"
             return False
         self._perturb()
-        self.flat.zero_grads()
+        self.zero_grad()
         self._bn_flags = _bn.freeze_running_stats(self._bn_modules)
         self._phase = "sam"
         return True
@@ -158,8 +158,11 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         and take the base optimizer's step. ``zero_grad=True`` zeroes the gradients after."""
         if self._phase is None:
             raise RuntimeError("second_step() called without first_step()")
-        fused = self._fused_base if (self._fused_base is not None and not self._inactive and
-                                     self._fused_base.prepare(self.flat.buffers, self.param_groups)) else None
+        # A parameter that got no gradient, or one unfrozen after construction (outside the flat
+        # buffers), needs base.step(): the fused step covers exactly the flat buffers.
+        fused = self._fused_base if (self._fused_base is not None and not self._inactive
+                                     and not any(p.grad is not None for p in self.flat.unmanaged)
+                                     and self._fused_base.prepare(self.flat.buffers, self.param_groups)) else None
         wants_psf = self.controller.wants_psf
         if self._phase == "sam":
             _bn.unfreeze_running_stats(self._bn_modules, self._bn_flags)
