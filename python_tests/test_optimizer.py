@@ -300,3 +300,26 @@ def test_parameter_unfrozen_later_is_stepped_by_the_base_with_a_warning():
     with pytest.warns(UserWarning, match="frozen"):
         run(model, opt, 2)
     assert not torch.equal(model[0].bias.detach(), before)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_add_param_group_mid_training(fused):
+    model = make_mlp()
+    head = torch.nn.Linear(3, 3)
+    opt = VSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, fused_base=fused, **SMALL)
+    run(model, opt, 7)
+    opt.add_param_group({"params": head.parameters(), "lr": 0.01})
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["rho"] == 0.05
+    before = head.weight.detach().clone()
+    for t in range(7, 20):
+        x, y = batch(t)
+
+        def closure():
+            loss = torch.nn.functional.cross_entropy(head(model(x)), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    assert not torch.equal(head.weight.detach(), before)
+    assert "momentum_buffer" in opt.base_optimizer.state[head.weight]
+    state = opt.state_dict()
+    opt.load_state_dict(state)

@@ -106,6 +106,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             group.setdefault(key, self.defaults[key])
         _check_groups([group])
         self.flat.add_group(len(self.param_groups) - 1, group["params"])
+        if self._fused_base is not None:
+            self._fused_base.invalidate()        # the new buffer's state is gathered on first use
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients in place (the flat buffer stays; ``set_to_none`` is ignored for

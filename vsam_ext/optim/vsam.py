@@ -73,6 +73,8 @@ class VSAM(TwoPassOptimizer):
         self.has_psf = bool(state["has_psf"])
         if self.has_psf:
             for b, saved in zip(self.flat.buffers, state["psf"]):
+                if saved is None:                # a buffer added after the last SAM step
+                    continue
                 if b.psf is None:
                     b.psf = b.new_buffer()
                 b.psf.copy_(saved)
