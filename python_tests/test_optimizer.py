@@ -323,3 +323,113 @@ def test_add_param_group_mid_training(fused):
     assert "momentum_buffer" in opt.base_optimizer.state[head.weight]
     state = opt.state_dict()
     opt.load_state_dict(state)
+
+
+def _sam_pair(closure_kind):
+    """SAM with the gradients cleared by opt.zero_grad() vs by the way under test."""
+    out = []
+    for kind in ("opt", closure_kind):
+        model = make_mlp()
+        opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+        for t in range(5):
+            x, y = batch(t)
+
+            def closure():
+                if kind == "model_zero_grad":
+                    model.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward(create_graph=kind == "create_graph")
+                return loss
+            opt.step(closure)
+        out.append(params_of(model))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["model_zero_grad", "create_graph"])
+def test_second_pass_gradients_that_replace_grad_are_used(kind):
+    want, got = _sam_pair(kind)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(got[0], make_mlp()[0].weight.detach())
+
+
+def test_dropped_optimizers_free_their_buffers_and_hooks():
+    import gc
+    import weakref
+    model = make_mlp()
+    refs = []
+    for _ in range(3):
+        opt = VSAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, **SMALL)
+        run(model, opt, 6)
+        refs.append(weakref.ref(opt.flat.buffers[0].backup))
+        del opt
+        gc.collect()
+    assert all(r() is None for r in refs)
+    assert len(model[0].weight._backward_hooks or {}) <= 1
+
+
+def test_second_backward_after_a_cheap_first_step_is_an_error():
+    """davda54's loop runs the second pass unconditionally; on a cheap step that would add a
+    second gradient to the first, so it is refused."""
+    model = make_mlp()
+    opt = PeriodicSAM(model.parameters(), torch.optim.SGD, period=2, lr=0.1)
+    closure_for(model, opt, 0)()
+    assert opt.first_step() is True
+    closure_for(model, opt, 0)()
+    opt.second_step()
+    opt.zero_grad()
+    closure_for(model, opt, 1)()
+    assert opt.first_step() is False
+    closure_for(model, opt, 1)()
+    with pytest.raises(RuntimeError, match="first_step\\(\\) returned False"):
+        opt.second_step()
+    opt.zero_grad()
+    run(model, opt, 2, start=2)          # usable afterwards
+
+
+def test_failed_second_pass_drops_the_half_formed_psf():
+    model = make_mlp()
+    opt = VSAM(model.parameters(), torch.optim.SGD, lr=0.1, **SMALL)
+    run(model, opt, 2)
+    assert opt.has_psf
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return closure_for(model, opt, 2)()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        opt.step(closure)
+    assert not opt.has_psf
+
+
+def test_gradients_written_directly_into_grad_are_used():
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.0, lr=0.1)
+    before = params_of(model)
+    opt.zero_grad()
+    for p in model.parameters():
+        p.grad.copy_(torch.ones_like(p))
+    assert opt.first_step() is True
+    for p in model.parameters():
+        p.grad.copy_(torch.ones_like(p))
+    opt.second_step()
+    for p, b in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), b - 0.1)
+
+
+def test_adamw_states_that_diverged_run_unfused_with_a_warning():
+    model = make_mlp()
+    opt = SAM(model.parameters(), torch.optim.AdamW, lr=1e-3)
+    x, y = batch(0)
+
+    def first_layer_frozen():
+        h = model[0](x).detach()
+        loss = torch.nn.functional.cross_entropy(model[2:](h), y)
+        loss.backward()
+        return loss
+    opt.step(first_layer_frozen)              # the first layer misses this step
+    with pytest.warns(UserWarning, match="unfused"):
+        run(model, opt, 2)
+    assert opt._fused_base.flat_state == {}   # no flat copy beside torch's own state

@@ -11,6 +11,7 @@ lr, ...): a fused base step needs nothing per element but the data.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -71,6 +72,10 @@ class FlatParams:
         self._received: List[bool] = []
         self._dirty = False                       # some gradient arrived since the last zeroing
         self._hooks = []
+        # The hooks hold this object weakly: a dropped optimizer frees its buffers and its hooks.
+        weakref.finalize(self, _remove_hooks, self._hooks)
+        self.accepting = True                     # False while no gradient is expected
+        self.late_grad = False                    # a gradient arrived while not accepting
         self.stat_tensors = stat_tensors
         self._warned_unmanaged = False
         self.unmanaged: List[torch.Tensor] = []   # frozen at construction: the base optimizer's alone
@@ -98,14 +103,19 @@ class FlatParams:
         self._place_stat_range()
 
     def _make_hook(self, index: int):
-        received = self._received
+        ref = weakref.ref(self)
 
         def on_grad(grad: torch.Tensor) -> None:
+            flat = ref()
+            if flat is None:
+                return
             if grad.layout != torch.strided:
                 raise TypeError(f"params: sparse gradients are not supported (parameter #{index} "
                                 f"got a {grad.layout} gradient); use dense embeddings")
-            received[index] = True
-            self._dirty = True
+            flat._received[index] = True
+            flat._dirty = True
+            if not flat.accepting:
+                flat.late_grad = True
         return on_grad
 
     def _place_stat_range(self) -> None:
@@ -154,7 +164,16 @@ class FlatParams:
                           "the base optimizer steps it, without SAM perturbation; build a new optimizer "
                           "to include it", stacklevel=3)
             self._warned_unmanaged = True
+        if not any(self._received):
+            # No gradient came through autograd at all: the gradients were written into .grad
+            # directly (e.g. p.grad.copy_(g)), so every parameter counts as having one.
+            return []
         return [p for p, got in zip(self.managed, self._received) if not got]
 
     def state_layout(self) -> List[tuple]:
         return [(b.group_index, str(b.dtype), b.numel) for b in self.buffers]
+
+
+def _remove_hooks(handles) -> None:
+    for handle in handles:
+        handle.remove()

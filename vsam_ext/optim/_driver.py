@@ -147,6 +147,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._feed_stats(before_decide=True)
         if not self.controller.decide():
             self._phase = "cheap"
+            self.flat.accepting = False
             return False
         self._perturb()
         self.zero_grad()
@@ -160,6 +161,20 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         and take the base optimizer's step. ``zero_grad=True`` zeroes the gradients after."""
         if self._phase is None:
             raise RuntimeError("second_step() called without first_step()")
+        if self._phase == "cheap":
+            self.flat.accepting = True
+            if self.flat.late_grad:
+                self.flat.late_grad = False
+                self._phase = None
+                raise RuntimeError("first_step() returned False, but a backward ran before second_step(): "
+                                   "run the second forward/backward only when first_step() returns True "
+                                   "(its gradients would have been added to this step's)")
+        else:
+            # The second backward may have replaced .grad (model.zero_grad() in the closure,
+            # create_graph=True): pull such gradients into the flat buffer. A parameter counts
+            # as without gradient only if it got none in either pass.
+            missing = {id(p) for p in self.flat.check()}
+            self._inactive = [p for p in self._inactive if id(p) in missing]
         # A parameter that got no gradient, or one unfrozen after construction (outside the flat
         # buffers), needs base.step(): the fused step covers exactly the flat buffers.
         fused = self._fused_base if (self._fused_base is not None and not self._inactive
@@ -230,6 +245,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             _bn.unfreeze_running_stats(self._bn_modules, self._bn_flags)
             for b in self.flat.buffers:
                 b.param.copy_(b.backup)
+            self._on_abort()
         self._phase = None
         self._inactive = []
 
@@ -240,6 +256,9 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     def _reuse_coeff(self) -> float:
         """On a cheap step: the weight of the stored PSF added to the gradient (0: none)."""
         return 0.0
+
+    def _on_abort(self) -> None:
+        """A SAM step was abandoned after the perturbation (the second closure raised)."""
 
     def _feed_stats(self, before_decide: bool = False) -> None:
         pass

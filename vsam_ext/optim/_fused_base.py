@@ -8,6 +8,7 @@ the state is gathered back into the flat buffers before the next fused step.
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional
 
 import torch
@@ -28,6 +29,7 @@ class _FusedBase:
         self.base = base
         self.flat_state: dict = {}     # id(FlatBuffer) -> {key: flat tensor}
         self.valid = False             # the base's state tensors are our views
+        self.warned = False
 
     def invalidate(self) -> None:
         self.valid = False
@@ -52,12 +54,18 @@ class _FusedBase:
         parameters are in different states (some stepped, some not): the base steps them."""
         states = [self.base.state.get(p) or {} for p in buf.params]
         have = [all(s.get(k) is not None for k in self.keys) for s in states]
+        if any(have) and (not all(have) or not self._consistent(states)):
+            self.flat_state.pop(id(buf), None)     # no flat copy beside the base's own state
+            if not self.warned:
+                self.warned = True
+                warnings.warn(f"vsam_ext: the parameters' {type(self.base).__name__} states differ (some "
+                              f"parameter missed steps), so the base step runs unfused (base.step())",
+                              stacklevel=5)
+            return False
         flat = self.flat_state.setdefault(id(buf), {k: buf.new_buffer() for k in self.keys})
         if not any(have):
             self._fresh(buf)
             return True
-        if not all(have) or not self._consistent(states):
-            return False
         for p, state, start in zip(buf.params, states, buf.offsets):
             for k in self.keys:
                 view = flat[k][start:start + p.numel()].view(p.shape)

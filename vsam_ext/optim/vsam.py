@@ -52,6 +52,9 @@ class VSAM(TwoPassOptimizer):
             return self.reuse_decay ** self.psf_age
         return 0.0
 
+    def _on_abort(self) -> None:
+        self.has_psf = False      # the PSF buffer holds this step's g now, not a PSF
+
     def _feed_stats(self, before_decide: bool = False) -> None:
         """Hand queued statistics to the controller: always when asked outside a step, and before
         a decision only when the controller reads them (a window boundary)."""
