@@ -20,7 +20,7 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    cxx = ["-O3", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]   # no errno: lets std::sqrt vectorise
     if torch.version.cuda and cu and os.environ.get("VSAM_EXT_NO_CUDA") != "1":
         print(f"vsam_ext: building vsam_ext._C with C++ {cpp} and CUDA {cu}", file=sys.stderr)
         ext = cpp_extension.CUDAExtension(

@@ -20,6 +20,11 @@ namespace {
 using at::Tensor;
 constexpr int64_t kChunk = 1 << 15;
 
+// The buffers of one op are distinct tensors (param, grad, psf, backup, state): telling the
+// compiler so lets it vectorise loops over five or more of them, where its runtime alias checks
+// give up.
+#define VSAM_NO_ALIAS _Pragma("GCC ivdep")
+
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
@@ -154,36 +159,98 @@ void perturb(const Tensor& param, const Tensor& grad, const Tensor& scale, const
 
 // ---------------------------------------------------------------------------------------------
 // The shared front of the fused steps: restore (+ PSF + statistics) or reuse, giving the final
-// gradient d of element i. Restore mode: backup != nullptr.
-template <typename scalar_t>
-struct FinalGrad {
-  using a_t = acc_t<scalar_t>;
-  scalar_t* p;
-  const scalar_t* g;
-  scalar_t* psf;
-  const scalar_t* backup;
-  a_t coeff;
-  int64_t stat_start;
-  bool maximize;
+// gradient d of each element. The mode is a template parameter and the statistics range is
+// split off, so each inner loop is branch-free and vectorises.
+enum Mode { kPlain = 0, kReuse = 1, kRestore = 2, kRestorePsf = 3 };
 
-  // Returns d; in restore mode writes p[i] <- backup[i] and psf[i] <- g[i] - psf[i].
-  inline a_t operator()(int64_t i, double& acc_g, double& acc_psf) const {
+inline Mode mode_of(bool has_backup, bool has_psf, double coeff) {
+  if (has_backup) return has_psf ? kRestorePsf : kRestore;
+  return (has_psf && coeff != 0.0) ? kReuse : kPlain;
+}
+
+template <typename scalar_t>
+struct Front {
+  using a_t = acc_t<scalar_t>;
+  scalar_t* __restrict__ p;
+  const scalar_t* __restrict__ g;
+  scalar_t* __restrict__ psf;
+  const scalar_t* __restrict__ backup;
+  a_t coeff;
+  a_t sign;  // -1 when maximizing
+
+  // d for element i; in the restore modes also writes p[i] <- backup[i] (and returns the weight
+  // in w), in kRestorePsf psf[i] <- g[i] - psf[i] with the statistics when kStats.
+  template <Mode kMode, bool kStats>
+  inline a_t operator()(int64_t i, a_t& w, double& acc_g, double& acc_psf) const {
     a_t d = static_cast<a_t>(g[i]);
-    if (backup) {
-      p[i] = backup[i];
-      if (psf) {
+    if constexpr (kMode == kRestore || kMode == kRestorePsf) {
+      w = static_cast<a_t>(backup[i]);
+      if constexpr (kMode == kRestorePsf) {
         const a_t old = static_cast<a_t>(psf[i]);
-        psf[i] = static_cast<scalar_t>(d - old);
-        if (i >= stat_start) {
-          const double nv = static_cast<double>(static_cast<a_t>(psf[i]));
-          acc_g += static_cast<double>(old) * old;
+        const scalar_t stored = static_cast<scalar_t>(d - old);
+        psf[i] = stored;
+        if constexpr (kStats) {
+          const double nv = static_cast<double>(static_cast<a_t>(stored));
+          acc_g += static_cast<double>(old) * static_cast<double>(old);
           acc_psf += nv * nv;
         }
       }
-    } else if (psf && coeff != a_t(0)) {
-      d = d + coeff * static_cast<a_t>(psf[i]);
+    } else {
+      w = static_cast<a_t>(p[i]);
+      if constexpr (kMode == kReuse) d = d + coeff * static_cast<a_t>(psf[i]);
     }
-    return maximize ? -d : d;
+    return sign * d;
+  }
+};
+
+template <typename scalar_t>
+Front<scalar_t> make_front(const Tensor& param, const Tensor& grad, const c10::optional<Tensor>& psf,
+                           const c10::optional<Tensor>& backup, double coeff, bool maximize) {
+  using a_t = acc_t<scalar_t>;
+  return Front<scalar_t>{param.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                         psf.has_value() ? psf->data_ptr<scalar_t>() : nullptr,
+                         backup.has_value() ? backup->data_ptr<scalar_t>() : nullptr, static_cast<a_t>(coeff),
+                         maximize ? a_t(-1) : a_t(1)};
+}
+
+// Runs body.template run<kMode, kStats>(i0, i1, acc_g, acc_psf) over fixed chunks, the
+// statistics range [stat_start, n) split from the rest; returns the statistics (or none).
+template <typename Body>
+Tensor run_fused(int64_t n, Mode mode, int64_t stat_start, const Body& body) {
+  Stats stats(n);
+  const int64_t s0 = std::max<int64_t>(0, std::min(stat_start, n));
+  auto go = [&](auto mode_tag) {
+    constexpr Mode kMode = decltype(mode_tag)::value;
+    for_chunks(n, [&](int64_t i0, int64_t i1, int64_t c) {
+      double ag = 0, ap = 0;
+      const int64_t cut = std::max(i0, std::min(i1, s0));
+      body.template run<kMode, false>(i0, cut, ag, ap);
+      body.template run<kMode, kMode == kRestorePsf>(cut, i1, ag, ap);
+      stats.g[c] = ag;
+      stats.psf[c] = ap;
+    });
+  };
+  switch (mode) {
+    case kPlain: go(std::integral_constant<Mode, kPlain>{}); break;
+    case kReuse: go(std::integral_constant<Mode, kReuse>{}); break;
+    case kRestore: go(std::integral_constant<Mode, kRestore>{}); break;
+    case kRestorePsf: go(std::integral_constant<Mode, kRestorePsf>{}); break;
+  }
+  return mode == kRestorePsf ? stats.result() : no_stats();
+}
+
+// restore_psf_stats is the front alone.
+template <typename scalar_t>
+struct RestoreBody {
+  Front<scalar_t> f;
+  template <Mode kMode, bool kStats>
+  void run(int64_t i0, int64_t i1, double& ag, double& ap) const {
+    VSAM_NO_ALIAS
+    for (int64_t i = i0; i < i1; ++i) {
+      acc_t<scalar_t> w;
+      f.template operator()<kMode, kStats>(i, w, ag, ap);
+      f.p[i] = f.backup[i];
+    }
   }
 };
 
@@ -193,20 +260,12 @@ Tensor restore_psf_stats(const Tensor& param, const Tensor& backup, const Tensor
   check_buffer(backup, param, "backup");
   check_buffer(grad_sam, param, "grad_sam");
   if (psf.has_value()) check_buffer(*psf, param, "psf");
-  const int64_t n = param.numel();
-  Stats stats(n);
+  Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "restore_psf_stats", [&] {
-    FinalGrad<scalar_t> fg{param.data_ptr<scalar_t>(), grad_sam.data_ptr<scalar_t>(),
-                           psf.has_value() ? psf->data_ptr<scalar_t>() : nullptr, backup.data_ptr<scalar_t>(),
-                           0, stat_start, false};
-    for_chunks(n, [&](int64_t i0, int64_t i1, int64_t c) {
-      double ag = 0, ap = 0;
-      for (int64_t i = i0; i < i1; ++i) fg(i, ag, ap);
-      stats.g[c] = ag;
-      stats.psf[c] = ap;
-    });
+    RestoreBody<scalar_t> body{make_front<scalar_t>(param, grad_sam, psf, backup, 0.0, false)};
+    out = run_fused(param.numel(), mode_of(true, psf.has_value(), 0.0), stat_start, body);
   });
-  return psf.has_value() ? stats.result() : no_stats();
+  return out;
 }
 
 void reuse(const Tensor& grad, const Tensor& psf, double coeff) {
@@ -232,6 +291,45 @@ void check_step_inputs(const Tensor& param, const Tensor& grad, const c10::optio
   if (backup.has_value()) check_buffer(*backup, param, "backup");
 }
 
+template <typename scalar_t>
+struct SgdBody {
+  using a_t = acc_t<scalar_t>;
+  Front<scalar_t> f;
+  scalar_t* __restrict__ buf;
+  a_t lr, wd, mom, damp1;
+  bool nesterov, first;
+
+  template <Mode kMode, bool kStats>
+  void run(int64_t i0, int64_t i1, double& ag, double& ap) const {
+    // Loop-invariant choices outside the loops, so each loop body is straight-line code.
+    if (!buf) {
+      VSAM_NO_ALIAS
+      for (int64_t i = i0; i < i1; ++i) {
+        a_t w;
+        const a_t d = f.template operator()<kMode, kStats>(i, w, ag, ap) + wd * w;
+        f.p[i] = static_cast<scalar_t>(w - lr * d);
+      }
+    } else if (first) {
+      VSAM_NO_ALIAS
+      for (int64_t i = i0; i < i1; ++i) {
+        a_t w;
+        const a_t d = f.template operator()<kMode, kStats>(i, w, ag, ap) + wd * w;
+        buf[i] = static_cast<scalar_t>(d);
+        f.p[i] = static_cast<scalar_t>(w - lr * (nesterov ? d + mom * d : d));
+      }
+    } else {
+      VSAM_NO_ALIAS
+      for (int64_t i = i0; i < i1; ++i) {
+        a_t w;
+        const a_t d = f.template operator()<kMode, kStats>(i, w, ag, ap) + wd * w;
+        const a_t b = mom * static_cast<a_t>(buf[i]) + damp1 * d;
+        buf[i] = static_cast<scalar_t>(b);
+        f.p[i] = static_cast<scalar_t>(w - lr * (nesterov ? d + mom * b : b));
+      }
+    }
+  }
+};
+
 Tensor sgd_step(const Tensor& param, const Tensor& grad, const c10::optional<Tensor>& momentum_buffer,
                 const c10::optional<Tensor>& psf, const c10::optional<Tensor>& backup, double coeff,
                 int64_t stat_start, double lr, double weight_decay, double momentum, double dampening,
@@ -239,37 +337,42 @@ Tensor sgd_step(const Tensor& param, const Tensor& grad, const c10::optional<Ten
   check_step_inputs(param, grad, psf, backup);
   TORCH_CHECK(momentum == 0.0 || momentum_buffer.has_value(), "momentum_buffer: required when momentum != 0");
   if (momentum_buffer.has_value()) check_buffer(*momentum_buffer, param, "momentum_buffer");
-  const int64_t n = param.numel();
-  Stats stats(n);
+  Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "sgd_step", [&] {
     using a_t = acc_t<scalar_t>;
-    FinalGrad<scalar_t> fg{param.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-                           psf.has_value() ? psf->data_ptr<scalar_t>() : nullptr,
-                           backup.has_value() ? backup->data_ptr<scalar_t>() : nullptr,
-                           static_cast<a_t>(coeff), stat_start, maximize};
-    scalar_t* p = param.data_ptr<scalar_t>();
-    scalar_t* buf = momentum != 0.0 ? momentum_buffer->data_ptr<scalar_t>() : nullptr;
-    const a_t lr_ = static_cast<a_t>(lr), wd = static_cast<a_t>(weight_decay), mom = static_cast<a_t>(momentum),
-              damp1 = static_cast<a_t>(1.0 - dampening);
-    for_chunks(n, [&](int64_t i0, int64_t i1, int64_t c) {
-      double ag = 0, ap = 0;
-      for (int64_t i = i0; i < i1; ++i) {
-        a_t d = fg(i, ag, ap);
-        const a_t w = static_cast<a_t>(p[i]);
-        if (wd != a_t(0)) d = d + wd * w;
-        if (buf) {
-          const a_t b = first ? d : mom * static_cast<a_t>(buf[i]) + damp1 * d;
-          buf[i] = static_cast<scalar_t>(b);
-          d = nesterov ? d + mom * b : b;
-        }
-        p[i] = static_cast<scalar_t>(w - lr_ * d);
-      }
-      stats.g[c] = ag;
-      stats.psf[c] = ap;
-    });
+    SgdBody<scalar_t> body{make_front<scalar_t>(param, grad, psf, backup, coeff, maximize),
+                           momentum != 0.0 ? momentum_buffer->data_ptr<scalar_t>() : nullptr,
+                           static_cast<a_t>(lr), static_cast<a_t>(weight_decay), static_cast<a_t>(momentum),
+                           static_cast<a_t>(1.0 - dampening), nesterov, first};
+    out = run_fused(param.numel(), mode_of(backup.has_value(), psf.has_value(), coeff), stat_start, body);
   });
-  return (backup.has_value() && psf.has_value()) ? stats.result() : no_stats();
+  return out;
 }
+
+template <typename scalar_t>
+struct AdamWBody {
+  using a_t = acc_t<scalar_t>;
+  Front<scalar_t> f;
+  scalar_t* __restrict__ m;
+  scalar_t* __restrict__ v;
+  a_t decay, b1c, b2, b2c, step_size, bc2_sqrt, eps;
+
+  template <Mode kMode, bool kStats>
+  void run(int64_t i0, int64_t i1, double& ag, double& ap) const {
+    VSAM_NO_ALIAS
+    for (int64_t i = i0; i < i1; ++i) {
+      a_t w;
+      const a_t d = f.template operator()<kMode, kStats>(i, w, ag, ap);
+      const a_t mi = static_cast<a_t>(m[i]);
+      const a_t m_new = mi + b1c * (d - mi);
+      const a_t v_new = b2 * static_cast<a_t>(v[i]) + b2c * d * d;
+      m[i] = static_cast<scalar_t>(m_new);
+      v[i] = static_cast<scalar_t>(v_new);
+      const a_t denom = std::sqrt(v_new) / bc2_sqrt + eps;
+      f.p[i] = static_cast<scalar_t>(w * decay - step_size * m_new / denom);
+    }
+  }
+};
 
 Tensor adamw_step(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq,
                   const c10::optional<Tensor>& psf, const c10::optional<Tensor>& backup, double coeff,
@@ -279,40 +382,19 @@ Tensor adamw_step(const Tensor& param, const Tensor& grad, const Tensor& exp_avg
   check_buffer(exp_avg, param, "exp_avg");
   check_buffer(exp_avg_sq, param, "exp_avg_sq");
   TORCH_CHECK(step >= 1, "step: expected >= 1 (the count after this step's increment), got ", step);
-  const int64_t n = param.numel();
-  Stats stats(n);
+  Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "adamw_step", [&] {
     using a_t = acc_t<scalar_t>;
-    FinalGrad<scalar_t> fg{param.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-                           psf.has_value() ? psf->data_ptr<scalar_t>() : nullptr,
-                           backup.has_value() ? backup->data_ptr<scalar_t>() : nullptr,
-                           static_cast<a_t>(coeff), stat_start, maximize};
-    scalar_t* p = param.data_ptr<scalar_t>();
-    scalar_t* m = exp_avg.data_ptr<scalar_t>();
-    scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
-    const a_t decay = static_cast<a_t>(1.0 - lr * weight_decay), b1c = static_cast<a_t>(1.0 - beta1),
-              b2 = static_cast<a_t>(beta2), b2c = static_cast<a_t>(1.0 - beta2),
-              step_size = static_cast<a_t>(lr / (1.0 - std::pow(beta1, static_cast<double>(step)))),
-              bc2_sqrt = static_cast<a_t>(std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)))),
-              eps_ = static_cast<a_t>(eps);
-    for_chunks(n, [&](int64_t i0, int64_t i1, int64_t c) {
-      double ag = 0, ap = 0;
-      for (int64_t i = i0; i < i1; ++i) {
-        const a_t d = fg(i, ag, ap);
-        const a_t w = static_cast<a_t>(p[i]) * decay;
-        const a_t mi = static_cast<a_t>(m[i]);
-        const a_t m_new = mi + b1c * (d - mi);
-        const a_t v_new = b2 * static_cast<a_t>(v[i]) + b2c * d * d;
-        m[i] = static_cast<scalar_t>(m_new);
-        v[i] = static_cast<scalar_t>(v_new);
-        const a_t denom = std::sqrt(v_new) / bc2_sqrt + eps_;
-        p[i] = static_cast<scalar_t>(w - step_size * m_new / denom);
-      }
-      stats.g[c] = ag;
-      stats.psf[c] = ap;
-    });
+    const double s = static_cast<double>(step);
+    AdamWBody<scalar_t> body{make_front<scalar_t>(param, grad, psf, backup, coeff, maximize),
+                             exp_avg.data_ptr<scalar_t>(), exp_avg_sq.data_ptr<scalar_t>(),
+                             static_cast<a_t>(1.0 - lr * weight_decay), static_cast<a_t>(1.0 - beta1),
+                             static_cast<a_t>(beta2), static_cast<a_t>(1.0 - beta2),
+                             static_cast<a_t>(lr / (1.0 - std::pow(beta1, s))),
+                             static_cast<a_t>(std::sqrt(1.0 - std::pow(beta2, s))), static_cast<a_t>(eps)};
+    out = run_fused(param.numel(), mode_of(backup.has_value(), psf.has_value(), coeff), stat_start, body);
   });
-  return (backup.has_value() && psf.has_value()) ? stats.result() : no_stats();
+  return out;
 }
 
 }  // namespace
