@@ -433,3 +433,16 @@ def test_adamw_states_that_diverged_run_unfused_with_a_warning():
     with pytest.warns(UserWarning, match="unfused"):
         run(model, opt, 2)
     assert opt._fused_base.flat_state == {}   # no flat copy beside torch's own state
+
+
+def test_flush_stats_returns_every_sam_steps_norms_once():
+    model = make_mlp()
+    opt = VSAM(model.parameters(), torch.optim.SGD, lr=0.1, **SMALL)
+    decisions = run(model, opt, 23)
+    pairs = opt.flush_stats()
+    hist = list(opt.controller.H)
+    # the controller has seen every SAM step's pair; those since the last window read came now
+    assert 0 < len(pairs) <= sum(decisions)
+    assert [p for p, _ in pairs] == hist[len(hist) - len(pairs):]
+    assert all(p > 0 and g > 0 for p, g in pairs)
+    assert opt.flush_stats() == []

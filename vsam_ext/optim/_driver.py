@@ -260,8 +260,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     def _on_abort(self) -> None:
         """A SAM step was abandoned after the perturbation (the second closure raised)."""
 
-    def _feed_stats(self, before_decide: bool = False) -> None:
-        pass
+    def _feed_stats(self, before_decide: bool = False) -> list:
+        return []
 
     def _extra_state(self) -> dict:
         return {}

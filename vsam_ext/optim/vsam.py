@@ -3,7 +3,7 @@ the other steps reuse the last PSF = g_sam - g with weight ``reuse_decay ** age`
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -55,13 +55,24 @@ class VSAM(TwoPassOptimizer):
     def _on_abort(self) -> None:
         self.has_psf = False      # the PSF buffer holds this step's g now, not a PSF
 
-    def _feed_stats(self, before_decide: bool = False) -> None:
+    def _feed_stats(self, before_decide: bool = False) -> list:
         """Hand queued statistics to the controller: always when asked outside a step, and before
         a decision only when the controller reads them (a window boundary)."""
         if before_decide and not self.controller.needs_stats():
-            return
-        for g_sq, psf_sq in self._pending.drain():
-            self.controller.push_stats(math.sqrt(psf_sq), math.sqrt(g_sq))
+            return []
+        pairs = [(math.sqrt(psf_sq), math.sqrt(g_sq)) for g_sq, psf_sq in self._pending.drain()]
+        for psf_norm, grad_norm in pairs:
+            self.controller.push_stats(psf_norm, grad_norm)
+        return pairs
+
+    def flush_stats(self) -> List[Tuple[float, float]]:
+        """Hand the queued statistics to the controller now and return them, oldest first, as
+        (PSF norm, gradient norm) over the last ``stat_tensors`` tensors, one pair per SAM step
+        since the last flush. On CUDA this waits for the device once; the optimizer itself
+        flushes only at window boundaries, so call it at most every so often (e.g. per epoch)."""
+        if self._phase is not None:
+            raise RuntimeError("flush_stats() between first_step() and second_step(): finish the step first")
+        return self._feed_stats()
 
     @property
     def stats(self):
