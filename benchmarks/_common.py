@@ -145,6 +145,24 @@ def select_impls(impls: List[str], wanted: Optional[str]) -> List[str]:
     return [i for i in impls if i in names or short(i) in names]
 
 
+def gbps_panel(ax, rows, impls, copy_gbps, title, xlabel, ms=3) -> None:
+    """One log-log panel of effective GB/s against parameter count: a line per implementation
+    (``rows`` already filtered to this panel; ours solid, baselines dashed) and the copy
+    bandwidth as a dotted line."""
+    for impl in impls:
+        pts = sorted((r["params"], r["gbps"]) for r in rows if r["impl"] == impl and r.get("gbps"))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=ms, color=f"C{impls.index(impl)}",
+                    ls="-" if impl.startswith("vsam_ext") else "--", label=impl)
+    ax.axhline(copy_gbps, color="k", lw=0.8, ls=":", label="copy")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel("effective GB/s", fontsize=8)
+    ax.tick_params(labelsize=7)
+
+
 def legend_all(fig, axes, spare=None) -> None:
     """One legend with every line of every subplot: in the ``spare`` (empty) subplot if given,
     else at the right of the figure."""

@@ -440,19 +440,8 @@ def _plot(rows, ops, impl_names, layers, copy_gbps, path, env) -> None:
     nrows = math.ceil(len(ops) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
     for ax, op in zip(axes.flat, ops):
-        for impl in impl_names:
-            pts = sorted((r["params"], r["gbps"]) for r in rows
-                         if r["op"] == op and r["impl"] == impl and r["layers"] == show_layers and r["gbps"])
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=f"C{impl_names.index(impl)}",
-                        ls="-" if impl.startswith("vsam_ext") else "--", label=impl)
-        ax.axhline(copy_gbps, color="k", lw=0.8, ls=":", label="copy")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(f"{op} ({OPS[op][0]} B/param)", fontsize=9)
-        ax.set_xlabel("parameters", fontsize=8)
-        ax.set_ylabel("effective GB/s", fontsize=8)
-        ax.tick_params(labelsize=7)
+        mine = [r for r in rows if r["op"] == op and r["layers"] == show_layers]
+        C.gbps_panel(ax, mine, impl_names, copy_gbps, f"{op} ({OPS[op][0]} B/param)", "parameters")
     spare = list(axes.flat)[len(ops):]
     for ax in spare:
         ax.axis("off")

@@ -365,18 +365,8 @@ def _plot(rows, steps, impls, copy_gbps, path, env) -> None:
     plt = C.plt()
     fig, axes = plt.subplots(1, len(steps), figsize=(4.3 * len(steps), 3.6), squeeze=False)
     for ax, step in zip(axes.flat, steps):
-        for impl in impls:
-            pts = sorted((r["params"], r["gbps"]) for r in rows if r["step"] == step and r["impl"] == impl and r.get("gbps"))
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, color=f"C{impls.index(impl)}",
-                        ls="-" if impl.startswith("vsam_ext") else "--", label=impl)
-        ax.axhline(copy_gbps, color="k", lw=0.8, ls=":", label="copy")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_title(f"{step} ({STEPS[step][0]} B/param)", fontsize=9)
-        ax.set_xlabel("parameters (model shapes)", fontsize=8)
-        ax.set_ylabel("effective GB/s", fontsize=8)
-        ax.tick_params(labelsize=7)
+        C.gbps_panel(ax, [r for r in rows if r["step"] == step], impls, copy_gbps,
+                     f"{step} ({STEPS[step][0]} B/param)", "parameters (model shapes)", ms=4)
     C.legend_all(fig, list(axes.flat))
     fig.suptitle(f"vsam_ext optimizer step — {env['device']}\ntorch {env['torch']}, triton {env['triton']}, "
                  f"{env['date']}", fontsize=9)
