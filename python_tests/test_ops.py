@@ -73,18 +73,78 @@ def test_segment_sumsq(backend, dtype, n):
     x = _rand(n, dtype, dev, 1)
     w = _rand(n, dtype, dev, 2)
     for bounds in _layouts(n):
-        for weight in (None, w):
-            got = _ops(backend).segment_sumsq(x, bounds, weight)
-            want = R.segment_sumsq(x.cpu(), bounds, None if weight is None else weight.cpu())
+        for weight, eta in ((None, 0.0), (w, 0.0), (w, 0.01), (w, 0.5)):
+            got = _ops(backend).segment_sumsq(x, bounds, weight, eta)
+            want = R.segment_sumsq(x.cpu(), bounds, None if weight is None else weight.cpu(), eta)
             assert got.dtype == torch.float32 and got.shape == (len(bounds) - 1,)
             torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_segment_sumsq_eta_is_asam_t():
+    """The oracle: with a weight, the sums are of ``(|w| + eta) * x``; eta defaults to 0."""
+    x, w = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
+    want = ((w.abs() + 0.25) * x).pow(2)
+    torch.testing.assert_close(R.segment_sumsq(x, [0, 20, 50], w, 0.25).double(),
+                               torch.stack([want[:20].sum(), want[20:].sum()]))
+    assert torch.equal(R.segment_sumsq(x, [0, 50], w), R.segment_sumsq(x, [0, 50], w, 0.0))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_perturb(backend, dtype, n, adaptive):
+def test_segment_gram(backend, dtype, n):
+    dev = _device_for(backend)
+    a, b = _rand(n, dtype, dev, 31), _rand(n, dtype, dev, 32)
+    for bounds in _layouts(n):
+        got = _ops(backend).segment_gram(a, b, bounds)
+        want = R.segment_gram(a.cpu(), b.cpu(), bounds)
+        assert got.dtype == torch.float32 and got.shape == (len(bounds) - 1, 3)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a.cpu(), _rand(n, dtype, "cpu", 31))        # inputs are not written
+
+
+def test_segment_gram_oracle():
+    a, b = torch.randn(30, dtype=torch.float64), torch.randn(30, dtype=torch.float64)
+    got = R.segment_gram(a, b, [0, 0, 10, 30])
+    assert got.shape == (3, 3) and torch.equal(got[0], torch.zeros(3))
+    torch.testing.assert_close(got[2].double(), torch.stack([a[10:] @ a[10:], a[10:] @ b[10:], b[10:] @ b[10:]]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+def test_segment_axpby(backend, dtype, n):
+    dev = _device_for(backend)
+    for bounds in _layouts(n):
+        nseg = len(bounds) - 1
+        y, y_ref = _pair(n, dtype, dev, 33)
+        x, x_ref = _pair(n, dtype, dev, 34)
+        for call in range(2):                    # the second call starts from the first's result
+            alpha = _rand(nseg, torch.float32, "cpu", 35 + call)
+            beta = _rand(nseg, torch.float32, "cpu", 37 + call)
+            if nseg:
+                alpha[0] = 1.0                   # LookSAM's reuse form: y + beta * x
+            got = _ops(backend).segment_axpby(y, x, alpha.to(dev), beta.to(dev), bounds)
+            want = R.segment_axpby(y_ref, x_ref, alpha, beta, bounds)
+            assert_close(y, y_ref)
+            assert torch.equal(x.cpu(), x_ref)
+            assert got.dtype == torch.float32 and got.shape == (nseg,)
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_axpby_oracle():
+    y, x = torch.randn(30, dtype=torch.float64), torch.randn(30, dtype=torch.float64)
+    want = torch.cat([-0.5 * y[:10] + 2.0 * x[:10], y[10:] + 0.25 * x[10:]])
+    sums = R.segment_axpby(y, x, torch.tensor([-0.5, 1.0]), torch.tensor([2.0, 0.25]), [0, 10, 30])
+    torch.testing.assert_close(y, want)
+    torch.testing.assert_close(sums.double(), torch.stack([want[:10] @ want[:10], want[10:] @ want[10:]]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("adaptive,eta", [(False, 0.0), (True, 0.0), (True, 0.01)])
+def test_perturb(backend, dtype, n, adaptive, eta):
     dev = _device_for(backend)
     p, p_ref = _pair(n, dtype, dev, 3)
     g, g_ref = _pair(n, dtype, dev, 4)
@@ -92,12 +152,12 @@ def test_perturb(backend, dtype, n, adaptive):
     backup, backup_ref = torch.empty_like(p), torch.empty_like(p_ref)
     keep, keep_ref = torch.empty_like(p), torch.empty_like(p_ref)
     for _ in range(2):             # twice in a row: the second call starts from the first's result
-        _ops(backend).perturb(p, g, scale, backup, adaptive, keep)
-        R.perturb(p_ref, g_ref, scale.cpu(), backup_ref, adaptive, keep_ref)
+        _ops(backend).perturb(p, g, scale, backup, adaptive, keep, eta)
+        R.perturb(p_ref, g_ref, scale.cpu(), backup_ref, adaptive, keep_ref, eta)
         assert_close(p, p_ref)
         assert torch.equal(backup.cpu(), backup_ref) and torch.equal(keep.cpu(), g_ref)
-    _ops(backend).perturb(p, g, scale, backup, adaptive, None)      # grad_keep is optional
-    R.perturb(p_ref, g_ref, scale.cpu(), backup_ref, adaptive, None)
+    _ops(backend).perturb(p, g, scale, backup, adaptive, None, eta)      # grad_keep is optional
+    R.perturb(p_ref, g_ref, scale.cpu(), backup_ref, adaptive, None, eta)
     assert_close(p, p_ref)
 
 
@@ -227,8 +287,15 @@ def test_property_random_layouts(backend, data):
     seed = data.draw(st.integers(0, 2 ** 16))
     x, x_ref = _pair(n, dtype, dev, seed)
     w, w_ref = _pair(n, dtype, dev, seed + 1)
-    torch.testing.assert_close(_ops(backend).segment_sumsq(x, bounds, w).cpu(),
-                               R.segment_sumsq(x_ref, bounds, w_ref), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_ops(backend).segment_sumsq(x, bounds, w, 0.01).cpu(),
+                               R.segment_sumsq(x_ref, bounds, w_ref, 0.01), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_ops(backend).segment_gram(x, w, bounds).cpu(),
+                               R.segment_gram(x_ref, w_ref, bounds), rtol=1e-5, atol=1e-5)
+    coeffs = [_rand(len(sizes), torch.float32, "cpu", seed + k) for k in (4, 5)]
+    y, y_ref = _pair(n, dtype, dev, seed + 6)
+    torch.testing.assert_close(_ops(backend).segment_axpby(y, x, *[c.to(dev) for c in coeffs], bounds).cpu(),
+                               R.segment_axpby(y_ref, x_ref, *coeffs, bounds), rtol=1e-5, atol=1e-5)
+    assert_close(y, y_ref)
     stat_start = data.draw(st.sampled_from(bounds))
     p, p_ref = _pair(n, dtype, dev, seed + 2)
     gs, gs_ref = _pair(n, dtype, dev, seed + 3)

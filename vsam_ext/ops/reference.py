@@ -5,6 +5,8 @@ right: maths in fp32 (fp64 for fp64 buffers), one rounding when a 16-bit result 
 Every backend module provides these functions with these signatures:
 
 * ``segment_sumsq``      per-segment (per-tensor) sums of squares: the multi-tensor L2 norm
+* ``segment_gram``       per-segment (sum a^2, sum a*b, sum b^2): LookSAM's projection
+* ``segment_axpby``      per-segment ``y <- alpha_s * y + beta_s * x`` (+ the new sums of squares)
 * ``perturb``            SAM/ASAM ascent, saving the weights (and, for vSAM, ``g``)
 * ``restore_psf_stats``  restore the weights, form the PSF, last-L statistics
 * ``reuse``              vSAM's ``g + coeff * PSF`` into the gradient (generic base optimizers)
@@ -19,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["segment_sumsq", "perturb", "restore_psf_stats", "reuse", "sgd_step", "adamw_step"]
+__all__ = ["segment_sumsq", "segment_gram", "segment_axpby", "perturb", "restore_psf_stats", "reuse", "sgd_step", "adamw_step"]
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -32,20 +34,42 @@ def _sumsq(x: torch.Tensor) -> torch.Tensor:
 
 
 def segment_sumsq(x: torch.Tensor, bounds: Sequence[int],
-                  weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-segment sums of squares of ``x`` (of ``|weight| * x`` when given), in fp32.
+                  weight: Optional[torch.Tensor] = None, eta: float = 0.0) -> torch.Tensor:
+    """Per-segment sums of squares of ``x`` (of ``(|weight| + eta) * x`` when ``weight`` is
+    given: ASAM's ``T g``), in fp32.
 
     ``bounds`` are the segment boundaries: segment i is ``x[bounds[i]:bounds[i+1]]``."""
     if weight is not None:
-        x = _wide(weight).abs() * _wide(x)
+        x = (_wide(weight).abs() + eta) * _wide(x)
     sums = [_sumsq(x[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     return torch.stack(sums) if sums else torch.zeros(0, device=x.device)
 
 
+def segment_gram(a: torch.Tensor, b: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
+    """Per segment, the fp32 triple (sum a^2, sum a*b, sum b^2): shape ``(segments, 3)``."""
+    a, b = _wide(a), _wide(b)
+    rows = [torch.stack([(a[i:j] * a[i:j]).sum(), (a[i:j] * b[i:j]).sum(), (b[i:j] * b[i:j]).sum()]).float()
+            for i, j in zip(bounds[:-1], bounds[1:])]
+    return torch.stack(rows) if rows else torch.zeros(0, 3, device=a.device)
+
+
+def segment_axpby(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                  bounds: Sequence[int]) -> torch.Tensor:
+    """Per segment s: ``y <- alpha[s] * y + beta[s] * x`` (``alpha``, ``beta``: fp32 device
+    tensors of one value per segment; maths in fp32, fp64 for fp64 buffers). Returns the fp32
+    per-segment sums of squares of the new ``y`` (as stored, i.e. after rounding)."""
+    sums = []
+    for s, (i, j) in enumerate(zip(bounds[:-1], bounds[1:])):
+        yw, xw = _wide(y[i:j]), _wide(x[i:j])
+        y[i:j].copy_(alpha[s].to(yw.dtype) * yw + beta[s].to(yw.dtype) * xw)
+        sums.append(_sumsq(y[i:j]))
+    return torch.stack(sums) if sums else torch.zeros(0, device=y.device)
+
+
 def perturb(param: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, backup: torch.Tensor,
-            adaptive: bool, grad_keep: Optional[torch.Tensor] = None) -> None:
+            adaptive: bool, grad_keep: Optional[torch.Tensor] = None, eta: float = 0.0) -> None:
     """SAM/ASAM ascent: ``backup <- param``; ``param <- param + scale * T^2 * grad`` with
-    ``T = |param|`` when adaptive, else 1. ``scale`` is a 0-d fp32 device tensor
+    ``T = |param| + eta`` when adaptive, else 1. ``scale`` is a 0-d fp32 device tensor
     (rho / (norm + eps)). When ``grad_keep`` is given, the gradient is copied into it."""
     backup.copy_(param)
     if grad_keep is not None:
@@ -53,7 +77,8 @@ def perturb(param: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, backup
     w, g = _wide(param), _wide(grad)
     step = g * scale.to(w.dtype)
     if adaptive:
-        step = step * w * w
+        t = w.abs() + eta
+        step = step * t * t
     param.copy_(w + step)
 
 
