@@ -36,9 +36,9 @@ Spec readings taken where ALGORITHMS.md leaves room (marked "READING" in the cod
       ``n_psf / n_g`` with ``n_g == 0`` is pushed as ``inf`` (or ``nan`` for 0/0) and is
       then skipped by R2.
 * R9  ``s`` is clamped as ``min(max(x, 1), floor(K * max_rate))`` and ``p = s / K``.
-* R10 ASAM (``adaptive=True``): ``T = |w|`` (eta = 0, every tensor), as the brief states
-      for the public API (ALGORITHMS.md also describes an "official" flavour with
-      ``eta = 0.01`` and a weight-only filter; not modelled here).
+* R10 ASAM (``adaptive=True`` here): ``T = |w|`` (eta = 0, every tensor): the davda54
+      flavour, ``adaptive="davda54"`` in the package. The official flavour (``eta = 0.01``,
+      weight tensors only; the package's ``adaptive=True``) is modelled in naive_family.py.
 * R11 BatchNorm protection (``model`` given): all buffers of ``model`` are saved before
       the perturbed pass and copied back after it, so running_mean / running_var /
       num_batches_tracked are exactly as after the first (unperturbed) pass.

@@ -363,7 +363,7 @@ def test_sam_vs_naive_mlp(base_name, adaptive):
     rho = 0.05 if not adaptive else 0.5
     res = run_pair(
         make_mlp, mlp_batch,
-        lambda m: vx.SAM(m.parameters(), base_cls, rho=rho, adaptive=adaptive, **kw),
+        lambda m: vx.SAM(m.parameters(), base_cls, rho=rho, adaptive="davda54" if adaptive else False, **kw),
         lambda m: naive.NaiveSAM(m.parameters(), base_cls(m.parameters(), **kw), rho=rho,
                                  adaptive=adaptive),
         steps=20, expect_calls=lambda i: 2)
@@ -376,7 +376,7 @@ def test_sam_vs_naive_cnn_batchnorm(adaptive):
     rho = 0.05 if not adaptive else 0.5
     res = run_pair(
         make_cnn, cnn_batch,
-        lambda m: vx.SAM(m.parameters(), torch.optim.SGD, rho=rho, adaptive=adaptive,
+        lambda m: vx.SAM(m.parameters(), torch.optim.SGD, rho=rho, adaptive="davda54" if adaptive else False,
                          model=m, **SGD_KW),
         lambda m: naive.NaiveSAM(m.parameters(), torch.optim.SGD(m.parameters(), **SGD_KW),
                                  rho=rho, adaptive=adaptive, model=m),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -22,9 +22,10 @@ __all__ = ["FlatBuffer", "FlatParams"]
 class FlatBuffer:
     """The parameters of one (group, device, dtype), packed in registration order."""
 
-    def __init__(self, group_index: int, params: Sequence[torch.Tensor]) -> None:
+    def __init__(self, group_index: int, params: Sequence[torch.Tensor], scaled: bool = False) -> None:
         first = params[0]
         self.group_index = group_index
+        self.scaled = scaled         # ASAM: these tensors get T = |w| + eta
         self.params: List[torch.Tensor] = list(params)
         self.device, self.dtype = first.device, first.dtype
         self.offsets: List[int] = []
@@ -81,16 +82,18 @@ class FlatParams:
         self.unmanaged: List[torch.Tensor] = []   # frozen at construction: the base optimizer's alone
 
     # -- construction -------------------------------------------------------------------
-    def add_group(self, group_index: int, params: Sequence[torch.Tensor]) -> None:
+    def add_group(self, group_index: int, params: Sequence[torch.Tensor],
+                  scaled: Optional[Callable[[torch.Tensor], bool]] = None) -> None:
+        """``scaled``: ASAM's filter; the tensors it selects go to buffers of their own."""
         buckets: Dict[tuple, List[torch.Tensor]] = {}
         for p in params:
             if not p.requires_grad or id(p) in self._ids:
                 continue
             if not p.dtype.is_floating_point:
                 raise TypeError(f"params: only floating-point parameters can be optimized, got {p.dtype}")
-            buckets.setdefault((p.device, p.dtype), []).append(p)
-        for bucket in buckets.values():
-            self.buffers.append(FlatBuffer(group_index, bucket))
+            buckets.setdefault((p.device, p.dtype, bool(scaled(p)) if scaled else False), []).append(p)
+        for (_, _, is_scaled), bucket in buckets.items():
+            self.buffers.append(FlatBuffer(group_index, bucket, is_scaled))
         self.unmanaged += [p for p in params if not p.requires_grad and id(p) not in self._ids]
         for p in params:
             if p.requires_grad and id(p) not in self._ids:

@@ -24,6 +24,7 @@ import torch
 from .. import ops
 from ..flat import FlatParams
 from . import _bn
+from ._asam import resolve_adaptive
 from ._fused_base import fused_base_for
 
 __all__ = ["TwoPassOptimizer"]
@@ -45,27 +46,29 @@ def _check_groups(groups) -> None:
             raise ValueError(f"lr must be >= 0, got {lr} (param group {i})")
         check_rho(group["rho"])
         if not isinstance(group["adaptive"], bool):
-            raise TypeError(f"adaptive must be a bool, got {type(group['adaptive']).__name__}")
+            raise TypeError(f"adaptive must be a bool in a param group, got {type(group['adaptive']).__name__} "
+                            f"(param group {i}); the flavour is chosen on the optimizer")
+        resolve_adaptive(group["adaptive"], group["eta"], "all")
 
 
 class TwoPassOptimizer(torch.optim.Optimizer):
     """Base class: a ``torch.optim.Optimizer`` that wraps a base optimizer (davda54/sam style)."""
 
     def __init__(self, params, base_optimizer, controller, *, rho: float = 0.05,
-                 adaptive: bool = False, model: Optional[torch.nn.Module] = None,
+                 adaptive=False, eta: Optional[float] = None, adaptive_params=None,
+                 model: Optional[torch.nn.Module] = None,
                  backend: Optional[str] = None, stat_tensors: Optional[int] = None, fused_base: bool = True,
                  **base_kwargs) -> None:
         rho = check_rho(rho)
-        if not isinstance(adaptive, bool):
-            raise TypeError(f"adaptive must be a bool, got {type(adaptive).__name__}")
+        adaptive, eta, self._adaptive_filter = resolve_adaptive(adaptive, eta, adaptive_params)
         if "lr" in base_kwargs:
-            _check_groups([{"lr": base_kwargs["lr"], "rho": rho, "adaptive": adaptive}])
+            _check_groups([{"lr": base_kwargs["lr"], "rho": rho, "adaptive": adaptive, "eta": eta}])
         self._bn_modules = _bn.batchnorm_modules(model)
         self.controller = controller
         self.base_optimizer: Optional[torch.optim.Optimizer] = None
         self.flat = FlatParams(stat_tensors)
         params = _param_list(params)
-        ours = dict(rho=rho, adaptive=adaptive)
+        ours = dict(rho=rho, adaptive=adaptive, eta=eta)
         if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
             super().__init__(params, dict(ours, **base_kwargs))
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
@@ -86,8 +89,9 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
         _check_groups(self.param_groups)
+        self._built_adaptive: List[bool] = []
         for i, group in enumerate(self.param_groups):
-            self.flat.add_group(i, group["params"])
+            self._add_flat_group(i, group)
         if not self.flat.managed:
             raise ValueError("params: no parameter requires grad, so there is nothing to optimize")
         self.backend, self._ops = ops.resolve_backend(backend, [b.device for b in self.flat.buffers])
@@ -102,12 +106,16 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             return super().add_param_group(param_group)
         self.base_optimizer.add_param_group(param_group)
         group = self.param_groups[-1]
-        for key in ("rho", "adaptive"):
+        for key in ("rho", "adaptive", "eta"):
             group.setdefault(key, self.defaults[key])
         _check_groups([group])
-        self.flat.add_group(len(self.param_groups) - 1, group["params"])
+        self._add_flat_group(len(self.param_groups) - 1, group)
         if self._fused_base is not None:
             self._fused_base.invalidate()        # the new buffer's state is gathered on first use
+
+    def _add_flat_group(self, index: int, group: dict) -> None:
+        self._built_adaptive.append(group["adaptive"])
+        self.flat.add_group(index, group["params"], self._adaptive_filter if group["adaptive"] else None)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients in place (the flat buffer stays; ``set_to_none`` is ignored for
@@ -183,6 +191,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         wants_psf = self.controller.wants_psf
         if self._phase == "sam":
             _bn.unfreeze_running_stats(self._bn_modules, self._bn_flags)
+            self._after_second_pass()
             pairs = []
             for b in self.flat.buffers:
                 psf = b.psf if wants_psf else None
@@ -193,6 +202,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             if wants_psf:
                 self._record_psf(pairs)
         else:
+            self._adjust_cheap_grad()
             coeff = self._reuse_coeff()
             for b in self.flat.buffers:
                 psf = b.psf if coeff != 0.0 else None
@@ -206,24 +216,35 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def _perturb(self) -> None:
-        """``w <- w + rho * T^2 g / (||T g|| + eps)`` on every buffer; the norm stays on the device."""
+    def _grad_sumsq(self, scaled: bool = True) -> torch.Tensor:
+        """``||T g||^2`` over every buffer (``T = 1`` unless ``scaled`` and ASAM), a 0-d fp32
+        tensor on the first buffer's device: no host sync."""
         bufs = self.flat.buffers
         home = bufs[0].device
-        sums = [self._ops.segment_sumsq(b.grad, [0, b.numel],
-                                        b.param if self.param_groups[b.group_index]["adaptive"] else None)
-                for b in bufs]
-        norm = torch.cat([s.to(home, non_blocking=True) for s in sums]).sum().sqrt()
-        keep = self.controller.wants_psf
+        sums = []
         for b in bufs:
             group = self.param_groups[b.group_index]
-            scale = (group["rho"] / (norm + EPS)).to(b.device, non_blocking=True)
+            if group["adaptive"] != self._built_adaptive[b.group_index]:
+                raise ValueError(f"adaptive of param group {b.group_index} changed after the optimizer was built; "
+                                 f"it decides the buffer layout, so build a new optimizer")
+            weight = b.param if scaled and b.scaled else None
+            sums.append(self._ops.segment_sumsq(b.grad, [0, b.numel], weight, group["eta"]))
+        return torch.cat([s.to(home, non_blocking=True) for s in sums]).sum()
+
+    def _perturb(self, norm: Optional[torch.Tensor] = None, radius_factor: float = 1.0) -> None:
+        """``w <- w + rho * T^2 g / (||T g|| + eps)`` on every buffer (``radius_factor``
+        multiplies rho); the norm stays on the device."""
+        if norm is None:
+            norm = self._grad_sumsq().sqrt()
+        keep = self._keeps_grad
+        for b in self.flat.buffers:
+            group = self.param_groups[b.group_index]
+            scale = (group["rho"] * radius_factor / (norm + EPS)).to(b.device, non_blocking=True)
             if b.backup is None:
                 b.backup = b.new_buffer()
             if keep and b.psf is None:
                 b.psf = b.new_buffer()
-            self._ops.perturb(b.param, b.grad, scale, b.backup, group["adaptive"],
-                              b.psf if keep else None)
+            self._ops.perturb(b.param, b.grad, scale, b.backup, b.scaled, b.psf if keep else None, group["eta"])
 
     def _base_step(self) -> None:
         if self._fused_base is not None:
@@ -250,6 +271,18 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._inactive = []
 
     # -- hooks for subclasses ------------------------------------------------------------
+    @property
+    def _keeps_grad(self) -> bool:
+        """Whether the perturbation copies ``g`` into each buffer's ``psf`` slot."""
+        return self.controller.wants_psf
+
+    def _after_second_pass(self) -> None:
+        """After a SAM step's second backward, before the restore and the base step (the
+        gradient buffers hold ``g_s``; ``psf`` holds ``g`` when ``_keeps_grad``)."""
+
+    def _adjust_cheap_grad(self) -> None:
+        """On a cheap step, before the base step: change the gradient in place."""
+
     def _record_psf(self, pairs) -> None:
         """After a SAM step of a controller that wants the PSF: the per-buffer statistics pairs."""
 
