@@ -37,7 +37,7 @@ ext_modules, cmdclass = _extensions()
 
 setup(
     name="vsam_ext",
-    version="0.1.0",
+    version="0.2.0",
     description="Efficient Sharpness-Aware Minimization (SAM, vSAM, SAM-k) optimizers for PyTorch",
     packages=find_packages(include=["vsam_ext", "vsam_ext.*"]),
     python_requires=">=3.9",

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from vsam_ext import SAM, VSAM, PeriodicSAM, available_backends
+from vsam_ext import AESAM, SAM, VSAM, LookSAM, PeriodicSAM, available_backends
 from helpers import closure_for, make_mlp, run
 
 DEVICE = {"cpu": "cpu", "reference": "cpu", "cuda": "cuda",
@@ -24,7 +24,10 @@ OPTIMIZERS = {
     "vsam_a": (VSAM, dict(window=6, slices=1, warmup_steps=5, reuse_decay=0.0)),
     "sam": (SAM, {}),
     "asam": (SAM, dict(adaptive=True, rho=0.5)),
+    "asam-davda54": (SAM, dict(adaptive="davda54", rho=2.0)),
     "sam5": (PeriodicSAM, dict(period=5)),
+    "looksam": (LookSAM, dict(k=3, alpha=0.7)),
+    "aesam": (AESAM, dict(total_steps=60)),
 }
 
 

@@ -20,7 +20,7 @@ import random
 from collections import deque
 from typing import Deque, Iterable, List, Optional, Sequence
 
-__all__ = ["EveryStep", "Periodic", "VSAMController", "robust_var", "mean_change_rate"]
+__all__ = ["EveryStep", "Periodic", "VSAMController", "AESAMController", "robust_var", "mean_change_rate"]
 
 
 def _check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
@@ -241,3 +241,56 @@ class VSAMController:
             getattr(self, key).extend(float(v) for v in state[key])
         version, internal, gauss = state["rng"]
         self.rng.setstate((int(version), tuple(int(v) for v in internal), gauss))
+
+
+class AESAMController(EveryStep):
+    """AE-SAM (Jiang et al. 2023): a SAM step when the squared gradient norm is large compared
+    with its running mean and standard deviation (ALGORITHMS.md, "AE-SAM").
+
+    The optimizer hands over ``n = ||g||^2`` with ``push_norm(n)`` before each ``decide()``.
+    A non-finite ``n`` leaves the running moments untouched and gives a cheap step.
+    """
+
+    def __init__(self, total_steps: int, delta: float = 0.9, lambdas: Sequence[float] = (-1.0, 1.0)) -> None:
+        super().__init__()
+        self.total_steps = _check_int("total_steps", total_steps, 1)
+        self.delta = _check_float("delta", delta, 0.0, 1.0, high_open=True)
+        if isinstance(lambdas, (str, bytes)) or not hasattr(lambdas, "__len__") or len(lambdas) != 2:
+            raise ValueError(f"lambdas must be a pair (lambda1, lambda2), got {lambdas!r}")
+        self.lambdas = tuple(_check_float(f"lambdas[{i}]", v, -math.inf, math.inf, True, True) for i, v in enumerate(lambdas))
+        self.mu = 0.0
+        self.var = 0.0
+        self.skipped = 0           # non-finite norms kept out of the moments
+        self._norm: Optional[float] = None
+
+    def needs_stats(self) -> bool:
+        return True
+
+    def push_norm(self, n: float) -> None:
+        self._norm = float(n)
+
+    def threshold_coeff(self) -> float:
+        frac = min(1.0, self.steps / self.total_steps)
+        return frac * self.lambdas[0] + (1.0 - frac) * self.lambdas[1]
+
+    def _rule(self) -> bool:
+        n, self._norm = self._norm, None
+        if n is None:
+            raise RuntimeError("AESAMController.decide() needs push_norm(n) first")
+        if not math.isfinite(n):
+            self.skipped += 1
+            return False
+        self.mu = self.delta * self.mu + (1.0 - self.delta) * n
+        self.var = self.delta * self.var + (1.0 - self.delta) * (n - self.mu) ** 2
+        return n >= self.mu + self.threshold_coeff() * math.sqrt(self.var)
+
+    def stats(self) -> dict:
+        return {**super().stats(), "probability": None, "mu": self.mu, "sigma": math.sqrt(self.var),
+                "nonfinite_skipped": self.skipped}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "mu": self.mu, "var": self.var, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.mu, self.var, self.skipped = float(state["mu"]), float(state["var"]), int(state["skipped"])

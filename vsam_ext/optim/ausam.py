@@ -1,0 +1,137 @@
+"""AUSAM (Deng et al., AAAI 2025): SAM on a subset of each batch, drawn by per-sample importance
+(ALGORITHMS.md, "AUSAM")."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from ..controller import EveryStep, _check_float, _check_int
+from ..importance import ImportanceTable
+from ._driver import TwoPassOptimizer
+from ._per_sample import per_sample_losses
+
+__all__ = ["AUSAM"]
+
+
+class AUSAM(TwoPassOptimizer):
+    """AUSAM around any ``torch.optim`` base optimizer.
+
+    ``step(closure, sample_ids)``: ``sample_ids`` are the batch's dataset indices (wrap the
+    dataset in ``vsam_ext.IndexedDataset``); the closure follows the per-sample contract of
+    ``vsam_ext.optim._per_sample``. While any sample of the batch has never been seen (the
+    first epoch), the whole batch is used; afterwards ``ceil(alpha * B)`` samples are drawn
+    without replacement, with probabilities from their importances (running mean of
+    ``|l(w+e) - l(w)|``) min-max scaled into ``[f_min, f_max(t)]``, and both SAM passes run on
+    them. ``f_max(t)`` ramps from ``f_min`` to ``f_max`` over the first ``ramp_epochs`` epochs,
+    counted as samples stepped over / ``num_samples``.
+
+    The table (``num_samples`` float64 sums and int64 counts) lives on the host; each step
+    reads the previous step's per-sample losses there (on CUDA: one wait per step, at the start
+    of the next step). Memory on the device: one parameter-sized buffer (saved weights).
+    Two-call form: ``positions = begin(sample_ids)``, the first pass on those positions,
+    ``first_step()``, the second pass, ``second_step()``, ``record(loss0, loss1)``.
+    """
+
+    def __init__(self, params, base_optimizer, num_samples: int, alpha: float = 0.5, f_min: float = 0.1,
+                 f_max: float = 0.5, ramp_epochs: int = 30, rho: float = 0.05, seed: int = 0, **kwargs) -> None:
+        self._table = ImportanceTable(_check_int("num_samples", num_samples, 1))
+        self.alpha = _check_float("alpha", alpha, 0.0, 1.0, low_open=True)
+        self.f_min = _check_float("f_min", f_min, 0.0, 1.0, low_open=True)
+        self.f_max = _check_float("f_max", f_max, self.f_min, 1.0)
+        self.ramp_epochs = _check_int("ramp_epochs", ramp_epochs, 0)
+        self._generator = torch.Generator().manual_seed(_check_int("seed", seed, 0))
+        self.samples_seen = 0
+        self.sample_fraction = 1.0
+        self._batch_ids: Optional[torch.Tensor] = None     # between begin() and record()
+        self._pending = None                               # the last record(), applied lazily
+        super().__init__(params, base_optimizer, EveryStep(), rho=rho, **kwargs)
+
+    @property
+    def table(self) -> ImportanceTable:
+        """The importance table, with the last step's update applied."""
+        self._apply_pending()
+        return self._table
+
+    @property
+    def epoch(self) -> int:
+        return self.samples_seen // self._table.num_samples
+
+    def current_f_max(self) -> float:
+        ramp = 1.0 if self.ramp_epochs == 0 else min(1.0, self.epoch / self.ramp_epochs)
+        return self.f_min + (self.f_max - self.f_min) * ramp
+
+    def _apply_pending(self) -> None:
+        if self._pending is not None:
+            ids, change, copied = self._pending
+            self._pending = None
+            if copied is not None:
+                copied.synchronize()
+            self._table.update(ids, change)
+
+    def begin(self, sample_ids: torch.Tensor) -> Optional[torch.Tensor]:
+        """The positions in the batch to train on this step (sorted), ``None`` for all of them."""
+        ids = self._table.check_ids(sample_ids)
+        self._apply_pending()
+        positions = self._table.select(ids, self.alpha, self.f_min, self.current_f_max(), self._generator)
+        self._batch_ids = ids if positions is None else ids[positions]
+        self.samples_seen += ids.numel()
+        self.sample_fraction = 1.0 if positions is None else positions.numel() / ids.numel()
+        return positions
+
+    def record(self, loss0: torch.Tensor, loss1: torch.Tensor) -> None:
+        """After ``second_step()``: the per-sample losses of the two passes (at ``w`` and at
+        ``w + e``) of the samples ``begin()`` chose, for their importances."""
+        if self._batch_ids is None:
+            raise RuntimeError("record() without begin(sample_ids)")
+        n = self._batch_ids.numel()
+        if loss0.shape != (n,) or loss1.shape != (n,):
+            raise ValueError(f"record(): expected two per-sample losses of shape [{n}], got "
+                             f"{tuple(loss0.shape)} and {tuple(loss1.shape)}")
+        change, copied = (loss1.detach() - loss0.detach()).abs(), None
+        if change.device.type == "cuda":      # read on the host at the next begin(), not now
+            change = torch.empty(n, dtype=change.dtype, pin_memory=True).copy_(change, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        self._pending = (self._batch_ids, change, copied)
+        self._batch_ids = None
+
+    def step(self, closure: Optional[Callable] = None, sample_ids: Optional[torch.Tensor] = None):
+        if closure is None or sample_ids is None:
+            raise TypeError("AUSAM.step(closure, sample_ids) needs a closure(indices) that returns per-sample "
+                            "losses and the batch's dataset indices (see vsam_ext.IndexedDataset)")
+        positions = self.begin(sample_ids)
+        expected = len(sample_ids) if positions is None else positions.numel()
+        if positions is not None:
+            positions = positions.to(self.flat.buffers[0].device, non_blocking=True)
+        self.zero_grad()
+        try:
+            loss0 = per_sample_losses(self, closure, positions, expected, backward=True)
+            self.first_step()
+            try:
+                loss1 = per_sample_losses(self, closure, positions, expected, backward=True)
+            except BaseException:
+                self._abort()
+                raise
+        except BaseException:
+            self._batch_ids = None
+            raise
+        self.second_step()
+        self.record(loss0, loss1)
+        return loss0.mean()
+
+    @property
+    def stats(self):
+        return dict(super().stats, sample_fraction=self.sample_fraction, epoch=self.epoch,
+                    f_max=self.current_f_max())
+
+    def _extra_state(self) -> dict:
+        self._apply_pending()
+        return {"table": self._table.state_dict(), "samples_seen": self.samples_seen,
+                "generator": self._generator.get_state()}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self._pending = None
+        self._table.load_state_dict(state["table"])
+        self.samples_seen = int(state["samples_seen"])
+        self._generator.set_state(state["generator"])
