@@ -12,7 +12,12 @@ Methods (``method``):
 * ``sam-authors`` davda54/sam's per-parameter loop around SGD(foreach=False);
 * ``sam``, ``sam5``, ``vsam``  vsam_ext's SAM, PeriodicSAM(period=5) and VSAM (paper defaults,
   ``warmup_steps`` = this script's warm-up steps, so the timed run is all in the sampling regime)
-  with their default backend.
+  with their default backend;
+* ``asam``, ``looksam``, ``aesam``, ``esam``, ``ausam``  the rest of vsam_ext's family with the
+  authors' defaults (ASAM official flavour rho 0.5; LookSAM-5; AE-SAM over the warm-up + timed
+  steps; ESAM beta = gamma = 0.5; AUSAM alpha 0.5, its first epoch = the whole batch, so the
+  synthetic set is seen once during the warm-up only if it is small: see ``--dataset-size``).
+  ESAM and AUSAM train on subsets of each batch, so they have no "ideal" in the sense below.
 
 The *ideal* time of a run with ``n_sam`` SAM steps out of ``n`` is
 ``(n - n_sam) * t_sgd + n_sam * t_sam`` with the per-step times of the fastest torch SGD and of
@@ -40,13 +45,15 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from vsam_ext import SAM, VSAM, PeriodicSAM  # noqa: E402
+from vsam_ext import AESAM, AUSAM, ESAM, SAM, VSAM, IndexedDataset, LookSAM, PeriodicSAM  # noqa: E402
 
 LR, MOMENTUM, WD, RHO = 0.1, 0.9, 5e-4, 0.05
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-METHODS = ["sgd-foreach", "sgd-fused", "sam-torch", "sam-authors", "sam", "sam5", "vsam"]
-OURS = ["sam", "sam5", "vsam"]
+METHODS = ["sgd-foreach", "sgd-fused", "sam-torch", "sam-authors", "sam", "sam5", "vsam",
+           "asam", "looksam", "aesam", "esam", "ausam"]
+OURS = ["sam", "sam5", "vsam", "asam", "looksam", "aesam", "esam", "ausam"]
+SUBSET = ["esam", "ausam"]         # SAM passes on a subset of each batch: no ideal
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -91,7 +98,7 @@ class SyntheticCIFAR(torch.utils.data.Dataset):
 
 
 def make_loader(args, device) -> torch.utils.data.DataLoader:
-    ds = SyntheticCIFAR(args.dataset_size)
+    ds = IndexedDataset(SyntheticCIFAR(args.dataset_size))      # (x, y, index): AUSAM's sample ids
     return torch.utils.data.DataLoader(ds, batch_size=args.batch, shuffle=True, drop_last=True,
                                        num_workers=args.workers, pin_memory=device.type == "cuda",
                                        persistent_workers=args.workers > 0)
@@ -101,9 +108,9 @@ def batches(loader, device):
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
     while True:
-        for x, y in loader:
+        for x, y, idx in loader:
             x = x.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
-            yield x, y.to(device, non_blocking=True)
+            yield x, y.to(device, non_blocking=True), idx
 
 
 # -- one training step per method -------------------------------------------------------------------
@@ -175,23 +182,44 @@ class AuthorsSAM:
         self.base.zero_grad(set_to_none=True)
 
 
-def build_method(method: str, model, sgd_flags: dict, warmup: int):
-    """(step(x, y), optimizer or None) for ``method``."""
+def build_method(method: str, model, sgd_flags: dict, warmup: int, total_steps: int, num_samples: int):
+    """(step(x, y, idx), optimizer or None) for ``method``."""
     kw = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
     if method in ("sgd-foreach", "sgd-fused"):
         opt = torch.optim.SGD(model.parameters(), **kw, **({"foreach": True} if method == "sgd-foreach"
                                                            else {"fused": True}))
 
-        def step(x, y):
+        def step(x, y, idx):
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             opt.step()
         return step, None
     if method == "sam-torch":
-        return TorchSAM(model, torch.optim.SGD(model.parameters(), **kw, **sgd_flags)).step, None
+        stepper = TorchSAM(model, torch.optim.SGD(model.parameters(), **kw, **sgd_flags))
+        return (lambda x, y, idx: stepper.step(x, y)), None
     if method == "sam-authors":
-        return AuthorsSAM(model, torch.optim.SGD(model.parameters(), **kw, foreach=False)).step, None
-    if method == "sam":
+        stepper = AuthorsSAM(model, torch.optim.SGD(model.parameters(), **kw, foreach=False))
+        return (lambda x, y, idx: stepper.step(x, y)), None
+    params = model.parameters()
+    if method in SUBSET:
+        if method == "esam":
+            opt = ESAM(params, torch.optim.SGD, rho=RHO, model=model, **kw)
+        else:
+            opt = AUSAM(params, torch.optim.SGD, num_samples=num_samples, rho=RHO, model=model, **kw)
+
+        def step(x, y, idx):
+            def closure(indices=None):
+                xb, yb = (x, y) if indices is None else (x[indices], y[indices])
+                return F.cross_entropy(model(xb), yb, reduction="none")
+            opt.step(closure, idx) if method == "ausam" else opt.step(closure)
+        return step, opt
+    if method == "asam":
+        opt = SAM(params, torch.optim.SGD, rho=0.5, adaptive=True, model=model, **kw)
+    elif method == "looksam":
+        opt = LookSAM(params, torch.optim.SGD, k=5, rho=RHO, model=model, **kw)
+    elif method == "aesam":
+        opt = AESAM(params, torch.optim.SGD, total_steps=total_steps, rho=RHO, model=model, **kw)
+    elif method == "sam":
         opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, model=model, **kw)
     elif method == "sam5":
         opt = PeriodicSAM(model.parameters(), torch.optim.SGD, period=5, rho=RHO, model=model, **kw)
@@ -200,7 +228,7 @@ def build_method(method: str, model, sgd_flags: dict, warmup: int):
     else:
         raise ValueError(method)
 
-    def step(x, y):
+    def step(x, y, idx):
         def closure():
             loss = F.cross_entropy(model(x), y)
             loss.backward()
@@ -212,7 +240,7 @@ def build_method(method: str, model, sgd_flags: dict, warmup: int):
 def run(method: str, model_name: str, build_model, args, device, loader, sgd_flags) -> dict:
     torch.manual_seed(0)
     model = build_model(model_name, num_classes=10).to(device).train()
-    step, opt = build_method(method, model, sgd_flags, args.warmup)
+    step, opt = build_method(method, model, sgd_flags, args.warmup, args.warmup + args.steps, args.dataset_size)
     data = batches(loader, device)
     for _ in range(args.warmup):
         step(*next(data))
@@ -325,7 +353,7 @@ def _rows(model_name, n_params, results, args, device) -> List[dict]:
             continue
         n_sam = int(statistics.median(r["n_sam"] for r in runs))
         ideal = None
-        if t_sgd is not None and (n_sam == 0 or t_sam is not None):
+        if method not in SUBSET and t_sgd is not None and (n_sam == 0 or t_sam is not None):
             ideal_time = (steps - n_sam) * t_sgd + n_sam * (t_sam or 0.0)
             ideal = batch * steps / ideal_time
         ais = batch / t[method]

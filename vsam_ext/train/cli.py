@@ -46,20 +46,21 @@ PRESETS = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vsam_ext.train",
-        description="Train real models on the offline datasets with SGD / SAM / SAM-5 / vSAM / vSAM-A and "
+        description="Train real models on the offline datasets with SGD, SAM, SAM-5, vSAM, vSAM-A and the rest of "
+                    "the family (ASAM, LookSAM, AE-SAM, ESAM, AUSAM), and "
                     "write a table, a JSON file of every epoch, and PNG plots. Settings: built-in defaults < "
                     "the dataset's defaults < the preset (--quick/--smoke) < the options given.")
     g = p.add_argument_group("what to run")
     g.add_argument("--quick", action="store_true",
-                   help="preset: Fashion-MNIST 8k-image subset (test: 2k), small CNN, 8 epochs, all five "
+                   help="preset: Fashion-MNIST 8k-image subset (test: 2k), small CNN, 8 epochs, the five "
                         "optimizers, seed 0 (about 4-5 minutes on one CPU core)")
     g.add_argument("--smoke", action="store_true", help="preset: a few seconds (tests/CI): tiny subset, sgd,vsam")
     g.add_argument("--dataset", choices=sorted(DATASET_DEFAULTS), default=None, help="default: fmnist")
     g.add_argument("--model", default=None,
                    help="cnn | resnet18 | wrn16_4 | wrn28_10 | wrn<depth>_<widen>; default: cnn for fmnist, "
                         "resnet18 for CIFAR-10")
-    g.add_argument("--optimizers", default=None, help=f"comma-separated, of sgd,sam,sam5,vsam,vsam-a "
-                                                      f"(default {DEFAULT_OPTIMIZERS})")
+    g.add_argument("--optimizers", default=None, help=f"comma-separated, of sgd,sam,sam5,vsam,vsam-a,asam,looksam,"
+                                                      f"aesam,esam,ausam (default {DEFAULT_OPTIMIZERS})")
     g.add_argument("--seeds", default=None, help="comma-separated seeds (default 0); each seed gives every "
                                                  "optimizer the same initial weights, batches and augmentations")
     g = p.add_argument_group("recipe")
@@ -86,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "(library default 6)")
     g.add_argument("--stat-tensors", type=int, default=None, help="vSAM statistics over the last L tensors "
                                                                   "(library default 10)")
+    g = p.add_argument_group("the rest of the family (authors' defaults)")
+    g.add_argument("--asam-rho", type=float, default=0.5, help="asam: radius of ASAM, official flavour (default 0.5)")
+    g.add_argument("--looksam-k", type=int, default=5, help="looksam: refresh period k (default 5)")
+    g.add_argument("--looksam-alpha", type=float, default=0.7, help="looksam: alpha (default 0.7)")
+    g.add_argument("--esam-beta", type=float, default=0.5, help="esam: SWP keep probability beta (default 0.5)")
+    g.add_argument("--esam-gamma", type=float, default=0.5, help="esam: SDS sample fraction gamma (default 0.5)")
+    g.add_argument("--ausam-alpha", type=float, default=0.5, help="ausam: sample fraction alpha (default 0.5)")
+    g.add_argument("--ausam-ramp-epochs", type=int, default=None,
+                   help="ausam: epochs over which f_max ramps up (default: the authors' 30 of 200 epochs, "
+                        "scaled to --epochs)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=os.path.join("..", "shared", "data"), help="offline datasets (default ../shared/data)")
     g.add_argument("--train-size", type=int, default=None, help="class-balanced training subset (default: all)")
@@ -220,14 +231,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                      momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
                      label_smoothing=cfg["label_smoothing"], rho=cfg["rho"], warmup_steps=warmup, window=window,
                      period=args.period, vsam_options=vsam_options, device=str(device), backend=args.backend,
-                     progress=not args.no_progress)
-    if any(o in VSAM_LIKE for o in optimizers):       # bad vSAM options fail now, not after hours
-        from .loop import make_optimizer
-        probe = torch.nn.Linear(2, 2)
+                     progress=not args.no_progress, asam_rho=args.asam_rho, looksam_k=args.looksam_k,
+                     looksam_alpha=args.looksam_alpha, esam_beta=args.esam_beta, esam_gamma=args.esam_gamma,
+                     ausam_alpha=args.ausam_alpha, ausam_ramp_epochs=args.ausam_ramp_epochs)
+    from .loop import make_optimizer
+    for name in optimizers:                      # bad options fail now, not after hours
         try:
-            make_optimizer("vsam", probe, tc, 0)
+            make_optimizer(name, torch.nn.Linear(2, 2), tc, 0)
         except (ValueError, TypeError) as exc:
-            raise SystemExit(f"vSAM options: {exc}") from None
+            raise SystemExit(f"{name} options: {exc}") from None
     command = "python -m vsam_ext.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                               else sys.argv[1:]))
     env = {"torch": torch.__version__, "vsam_ext": __version__, "python": platform.python_version(),

@@ -215,8 +215,9 @@ def load_dataset(name: str, data_dir: str, *, train_size: Optional[int] = None, 
 
 
 def batches(data: Data, batch_size: int, gen: torch.Generator, drop_last: bool = True,
-            augment: bool = True) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-    """One epoch of shuffled, augmented training batches (gathered from the in-memory tensors)."""
+            augment: bool = True) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One epoch of shuffled, augmented training batches (gathered from the in-memory tensors):
+    ``(x, y, dataset indices)``."""
     n = len(data.y_train)
     perm = torch.randperm(n, generator=gen, device=data.y_train.device)
     stop = (n // batch_size) * batch_size if (drop_last and n >= batch_size) else n
@@ -225,7 +226,7 @@ def batches(data: Data, batch_size: int, gen: torch.Generator, drop_last: bool =
         x = data.x_train[idx]
         if augment:
             x = data.augment(x, gen)
-        yield x, data.y_train[idx]
+        yield x, data.y_train[idx], idx
 
 
 def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:

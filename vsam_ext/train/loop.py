@@ -17,14 +17,15 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .. import SAM, VSAM, PeriodicSAM
+from .. import AESAM, AUSAM, ESAM, SAM, VSAM, LookSAM, PeriodicSAM
 from .data import Data, batches, steps_per_epoch
 from .models import build_model
 
 __all__ = ["OPTIMIZERS", "TrainConfig", "vsam_schedule", "make_optimizer", "train_run", "evaluate"]
 
-OPTIMIZERS = ("sgd", "sam", "sam5", "vsam", "vsam-a")
+OPTIMIZERS = ("sgd", "sam", "sam5", "vsam", "vsam-a", "asam", "looksam", "aesam", "esam", "ausam")
 VSAM_LIKE = ("vsam", "vsam-a")
+PER_SAMPLE = ("esam", "ausam")       # closure(indices) -> per-sample losses
 
 
 @dataclass
@@ -42,6 +43,13 @@ class TrainConfig:
     window: int = 50             # vSAM window K (resolved by vsam_schedule)
     period: int = 5              # SAM-k period of "sam5"
     vsam_options: Optional[dict] = None   # more VSAM arguments (lambdas, max_rate, reuse_decay, ...)
+    asam_rho: float = 0.5        # ASAM's own radius (the authors' CIFAR value for the official flavour)
+    looksam_k: int = 5
+    looksam_alpha: float = 0.7
+    esam_beta: float = 0.5
+    esam_gamma: float = 0.5
+    ausam_alpha: float = 0.5
+    ausam_ramp_epochs: Optional[int] = None   # None: the authors' 30 of 200 epochs, scaled to the run
     device: str = "cpu"
     backend: Optional[str] = None
     eval_batch: int = 1000
@@ -68,9 +76,12 @@ def vsam_schedule(total_steps: int, warmup_steps: Optional[int] = None, window: 
     return warmup_steps, window, post / window
 
 
-def make_optimizer(name: str, model: nn.Module, cfg: TrainConfig, seed: int) -> torch.optim.Optimizer:
+def make_optimizer(name: str, model: nn.Module, cfg: TrainConfig, seed: int, total_steps: int = 1,
+                   num_samples: int = 1) -> torch.optim.Optimizer:
     """``sgd``: torch.optim.SGD; ``sam``: SAM; ``sam5``: PeriodicSAM(period); ``vsam``: VSAM;
-    ``vsam-a``: VSAM(reuse_decay=0). All: SGD base with momentum, weight decay; same LR."""
+    ``vsam-a``: VSAM(reuse_decay=0); ``asam``: SAM(adaptive=True, rho=asam_rho); ``looksam``,
+    ``aesam`` (over ``total_steps``), ``esam``, ``ausam`` (over ``num_samples``). All: SGD base
+    with momentum, weight decay; same LR."""
     base = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     params = model.parameters()
     if name == "sgd":
@@ -86,6 +97,18 @@ def make_optimizer(name: str, model: nn.Module, cfg: TrainConfig, seed: int) -> 
             extra["reuse_decay"] = 0.0        # the paper's ablation: adaptive sampling, no PSF reuse
         return VSAM(params, torch.optim.SGD, warmup_steps=cfg.warmup_steps, window=cfg.window, seed=seed,
                     **extra, **common, **base)
+    if name == "asam":
+        return SAM(params, torch.optim.SGD, adaptive=True, **dict(common, rho=cfg.asam_rho), **base)
+    if name == "looksam":
+        return LookSAM(params, torch.optim.SGD, k=cfg.looksam_k, alpha=cfg.looksam_alpha, **common, **base)
+    if name == "aesam":
+        return AESAM(params, torch.optim.SGD, total_steps=max(1, total_steps), **common, **base)
+    if name == "esam":
+        return ESAM(params, torch.optim.SGD, beta=cfg.esam_beta, gamma=cfg.esam_gamma, seed=seed, **common, **base)
+    if name == "ausam":
+        ramp = cfg.ausam_ramp_epochs if cfg.ausam_ramp_epochs is not None else round(30 / 200 * cfg.epochs)
+        return AUSAM(params, torch.optim.SGD, num_samples=num_samples, alpha=cfg.ausam_alpha, ramp_epochs=ramp,
+                     seed=seed, **common, **base)
     raise ValueError(f"unknown optimizer {name!r}; known: {list(OPTIMIZERS)}")
 
 
@@ -116,6 +139,7 @@ class StatsRecorder:
         self.psf_norm: List[float] = []
         self.grad_norm: List[float] = []
         self.sam_steps = 0
+        self.sample_fraction_sum = 0.0       # ESAM/AUSAM: share of the batch the SAM passes used
         self.warmup = opt.controller.warmup_steps if self.is_vsam else 0
         if self.is_vsam:
             ctrl = opt.controller
@@ -135,6 +159,7 @@ class StatsRecorder:
             return
         st = self.opt.stats
         self.sam_steps = st["sam_steps"]
+        self.sample_fraction_sum += st.get("sample_fraction", 1.0)
         if self.is_vsam and st["last_step_sam"]:
             self.sam_at.append(step)
         q, p = st.get("quota"), st.get("probability")
@@ -192,11 +217,12 @@ def train_run(opt_name: str, seed: int, data: Data, cfg: TrainConfig, position: 
     device = torch.device(cfg.device)
     torch.manual_seed(seed)                  # same initial weights for every optimizer
     model = build_model(cfg.model, data.num_classes).to(device)
-    opt = make_optimizer(opt_name, model, cfg, seed)
     spe = steps_per_epoch(len(data.y_train), cfg.batch_size, cfg.drop_last)
     total = spe * cfg.epochs
+    opt = make_optimizer(opt_name, model, cfg, seed, total_steps=total, num_samples=len(data.y_train))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))   # per step
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    per_sample = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)                    # same batches and augmentations for every optimizer
     rec = StatsRecorder(opt)
@@ -221,31 +247,44 @@ def train_run(opt_name: str, seed: int, data: Data, cfg: TrainConfig, position: 
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        for x, y in batches(data, cfg.batch_size, gen, drop_last=cfg.drop_last, augment=cfg.augment):
-            first: List[torch.Tensor] = []
+        scored = 0                   # samples of the first passes (AUSAM: a subset of each batch)
+        for x, y, idx in batches(data, cfg.batch_size, gen, drop_last=cfg.drop_last, augment=cfg.augment):
+            first: List[torch.Tensor] = []     # the first pass's outputs and labels (training accuracy)
 
             def closure(x=x, y=y, first=first):
                 out = model(x)
                 loss = criterion(out, y)
                 loss.backward()
                 if not first:
-                    first.append(out.detach())
+                    first += [out.detach(), y]
                 return loss
+
+            def sample_closure(indices=None, x=x, y=y, first=first):
+                xb, yb = (x, y) if indices is None else (x[indices], y[indices])
+                out = model(xb)
+                if not first:
+                    first += [out.detach(), yb]
+                return per_sample(out, yb)
 
             if opt_name == "sgd":
                 opt.zero_grad(set_to_none=True)
                 loss = closure()
                 opt.step()
+            elif opt_name == "ausam":
+                loss = opt.step(sample_closure, idx)
+            elif opt_name in PER_SAMPLE:
+                loss = opt.step(sample_closure)
             else:
                 loss = opt.step(closure)
             sched.step()
             step += 1
             seen += len(y)
-            loss_sum += loss.detach() * len(y)
-            correct += (first[0].argmax(1) == y).sum()
+            scored += len(first[1])
+            loss_sum += loss.detach() * len(first[1])
+            correct += (first[0].argmax(1) == first[1]).sum()
             rec.after_step(step)
             if cfg.progress and step % cfg.refresh == 0:
-                post = {"loss": f"{loss_sum.item() / seen:.3f}", "acc": f"{100.0 * correct.item() / seen:.1f}",
+                post = {"loss": f"{loss_sum.item() / scored:.3f}", "acc": f"{100.0 * correct.item() / scored:.1f}",
                         "sam": f"{rec.sam_steps / step:.2f}"}
                 bar.set_postfix(post, refresh=False)
             bar.update(1)
@@ -255,8 +294,8 @@ def train_run(opt_name: str, seed: int, data: Data, cfg: TrainConfig, position: 
         cpu_time += time.process_time() - c0
         images += seen
         t1 = time.perf_counter()
-        train_loss = loss_sum.item() / max(1, seen)
-        train_acc = 100.0 * correct.item() / max(1, seen)
+        train_loss = loss_sum.item() / max(1, scored)
+        train_acc = 100.0 * correct.item() / max(1, scored)
         test_loss, test_acc = evaluate(model, data.x_test, data.y_test, cfg.eval_batch)
         row = {"epoch": epoch, "step": step, "lr": opt.param_groups[0]["lr"],
                "train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss, "test_acc": test_acc,
@@ -279,6 +318,7 @@ def train_run(opt_name: str, seed: int, data: Data, cfg: TrainConfig, position: 
              "train_acc": last["train_acc"], "steps": step,
              "sam_steps": rec.sam_steps if rec.has_stats else 0,
              "sam_fraction": (rec.sam_steps / step) if (rec.has_stats and step) else 0.0,
+             "sample_fraction": (rec.sample_fraction_sum / step) if (rec.has_stats and step) else 1.0,
              "train_time": train_time, "train_cpu_time": cpu_time, "eval_time": eval_time, "wall_time": time.perf_counter() - start,
              "images": images, "ais": images / train_time if train_time > 0 else float("nan"),
              "diverged": diverged}

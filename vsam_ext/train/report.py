@@ -10,7 +10,8 @@ from typing import Dict, Iterable, List, Optional
 
 __all__ = ["summarize", "format_table", "target_check", "write_json", "plot_all"]
 
-COLORS = {"sgd": "tab:gray", "sam": "tab:blue", "sam5": "tab:orange", "vsam": "tab:red", "vsam-a": "tab:purple"}
+COLORS = {"sgd": "tab:gray", "sam": "tab:blue", "sam5": "tab:orange", "vsam": "tab:red", "vsam-a": "tab:purple",
+          "asam": "tab:cyan", "looksam": "tab:green", "aesam": "tab:olive", "esam": "tab:brown", "ausam": "tab:pink"}
 
 
 def _m(xs: List[float]) -> float:
@@ -36,6 +37,7 @@ def summarize(runs: List[dict], optimizers: Iterable[str]) -> List[dict]:
         row = {"optimizer": name, "seeds": len(fs), "test_acc_mean": _m(acc), "test_acc_std": _s(acc),
                "test_acc": acc, "sam_steps": _m([f["sam_steps"] for f in fs]), "steps": _m([f["steps"] for f in fs]),
                "sam_fraction": _m([f["sam_fraction"] for f in fs]),
+               "sample_fraction": _m([f.get("sample_fraction", 1.0) for f in fs]),
                "train_time": _m([f["train_time"] for f in fs]), "wall_time": _m([f["wall_time"] for f in fs]),
                "train_cpu_time": _m([f.get("train_cpu_time", float("nan")) for f in fs]),
                "ais": _m([f["ais"] for f in fs]), "diverged": sum(bool(f.get("diverged")) for f in fs)}
@@ -57,7 +59,8 @@ def format_table(rows: List[dict]) -> str:
     """A markdown table (readable as plain text)."""
     has_val = any("val_acc_mean" in r for r in rows)
     head = ["optimizer", "seeds", "test acc (%)"] + (["val acc (%)"] if has_val else []) + \
-           ["SAM steps", "SAM fraction", "wall time (s)", "time / SAM", "AIS (img/s)", "CPU time (s)"]
+           ["SAM steps", "SAM fraction", "sample fraction", "wall time (s)", "time / SAM", "AIS (img/s)",
+            "CPU time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
     for r in rows:
         cells = [r["optimizer"] + (" (diverged)" if r["diverged"] else ""), str(r["seeds"]),
@@ -66,6 +69,7 @@ def format_table(rows: List[dict]) -> str:
             cells.append(_pm(r.get("val_acc_mean", float("nan")), r.get("val_acc_std", float("nan"))))
         cells += ["-" if r["optimizer"] == "sgd" else f"{r['sam_steps']:.0f} / {r['steps']:.0f}",
                   "-" if r["optimizer"] == "sgd" else f"{r['sam_fraction']:.3f}",
+                  "-" if r["optimizer"] == "sgd" else f"{r['sample_fraction']:.3f}",
                   f"{r['train_time']:.1f}",
                   "-" if r["time_vs_sam"] != r["time_vs_sam"] else f"{r['time_vs_sam']:.2f}",
                   f"{r['ais']:.0f}",
