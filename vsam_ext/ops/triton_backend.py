@@ -38,7 +38,7 @@ try:
 except Exception as exc:  # noqa: BLE001  (a broken install raises more than ImportError)
     raise ImportError(f"triton is not importable: {exc}") from exc
 
-__all__ = ["usable", "segment_sumsq", "perturb", "restore_psf_stats", "reuse", "sgd_step", "adamw_step"]
+__all__ = ["usable", "segment_sumsq", "segment_gram", "segment_axpby", "perturb", "restore_psf_stats", "reuse", "sgd_step", "adamw_step"]
 
 # Decided once, when the kernels are decorated: the interpreter reads this variable then too.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -151,38 +151,9 @@ def _stat_start(stat_start: int, n: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# segment_sumsq: per-(segment, block) partials, then a per-segment reduction in a fixed order
+# segment_sumsq / segment_gram / segment_axpby: one program per (segment, block) writes its
+# partial sums, then a per-segment reduction kernel sums them in a fixed order
 # --------------------------------------------------------------------------------------------
-
-@triton.jit
-def _sumsq_partials_kernel(x_ptr, w_ptr, table_ptr, part_ptr, nseg,
-                           HAS_W: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    # table (int64): first block of each segment [nseg + 1] | segment starts [nseg] |
-    #                segment ends [nseg] | segment of each block [nblocks]
-    pid = tl.program_id(0)
-    seg = tl.load(table_ptr + 3 * nseg + 1 + pid)
-    first = tl.load(table_ptr + seg)
-    start = tl.load(table_ptr + nseg + 1 + seg)
-    end = tl.load(table_ptr + 2 * nseg + 1 + seg)
-    offs = start + (pid - first) * BLOCK + tl.arange(0, BLOCK)     # int64: start is int64
-    mask = offs < end
-    x = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC)
-    if HAS_W:
-        x = tl.abs(tl.load(w_ptr + offs, mask=mask, other=0).to(ACC)) * x
-    tl.store(part_ptr + pid, tl.sum(x * x, axis=0))
-
-
-@triton.jit
-def _segment_reduce_kernel(part_ptr, table_ptr, out_ptr, RBLOCK: tl.constexpr):
-    seg = tl.program_id(0)
-    lo = tl.load(table_ptr + seg)
-    hi = tl.load(table_ptr + seg + 1)
-    acc = tl.zeros([RBLOCK], dtype=part_ptr.dtype.element_ty)
-    for s in range(lo, hi, RBLOCK):
-        idx = s + tl.arange(0, RBLOCK)
-        acc += tl.load(part_ptr + idx, mask=idx < hi, other=0)
-    tl.store(out_ptr + seg, tl.sum(acc, axis=0).to(tl.float32))
-
 
 _TABLES: "OrderedDict[tuple, Tuple[torch.Tensor, int]]" = OrderedDict()
 _TABLES_MAX = 32
@@ -191,7 +162,10 @@ _TABLES_MAX = 32
 def _segment_table(bounds: Tuple[int, ...], n: int, block: int,
                    device: torch.device) -> Tuple[torch.Tensor, int]:
     """The block->segment table on ``device`` and the number of blocks, built on the host from
-    the bounds list and copied without blocking; cached, since the layout rarely changes."""
+    the bounds list and copied without blocking; cached, since the layout rarely changes.
+
+    Table (int64): first block of each segment [nseg + 1] | segment starts [nseg] |
+    segment ends [nseg] | segment of each block [nblocks]."""
     key = (bounds, n, block, str(device))
     hit = _TABLES.get(key)
     if hit is not None:
@@ -215,35 +189,142 @@ def _segment_table(bounds: Tuple[int, ...], n: int, block: int,
     return table, nblocks
 
 
-def segment_sumsq(x: torch.Tensor, bounds: Sequence[int],
-                  weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Per-segment sums of squares of ``x`` (of ``|weight| * x`` when given), in fp32."""
-    _check(x, weight=weight)
+def _segments(x: torch.Tensor, bounds: Sequence[int]) -> Tuple[int, Optional[torch.Tensor], int, int]:
+    """(segments, table, blocks, block) of a segmented op on ``x``; no table when nothing is
+    to be launched (no segment, or every segment empty)."""
     nseg = max(len(bounds) - 1, 0)
     if nseg == 0:
-        return torch.zeros(0, dtype=torch.float32, device=x.device)
-    bounds = tuple(int(v) for v in bounds)
+        return 0, None, 0, 0
     block = _block(x.numel())
-    table, nblocks = _segment_table(bounds, x.numel(), block, x.device)
-    if nblocks == 0:                                    # all segments empty (or n == 0)
-        return torch.zeros(nseg, dtype=torch.float32, device=x.device)
-    acc = _acc(x.dtype)
-    partials = torch.empty(nblocks, dtype=_acc_torch(x.dtype), device=x.device)
-    out = torch.empty(nseg, dtype=torch.float32, device=x.device)
+    table, nblocks = _segment_table(tuple(int(v) for v in bounds), x.numel(), block, x.device)
+    return nseg, (table if nblocks else None), nblocks, block
+
+
+# what the partials kernel sums (constexpr KIND)
+_SUMSQ, _SUMSQ_T, _GRAM = 0, 1, 2
+
+
+@triton.jit
+def _segment_partials_kernel(a_ptr, b_ptr, eta_hi, eta_mid, eta_lo, table_ptr, part_ptr, nseg, nblocks,
+                             KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Partials (rows of ``nblocks``) of this program's (segment, block): sum a^2 (_SUMSQ);
+    sum ((|b| + eta) a)^2 (_SUMSQ_T: ASAM's T g); sum a^2 | sum a b | sum b^2 (_GRAM)."""
+    pid = tl.program_id(0)
+    seg = tl.load(table_ptr + 3 * nseg + 1 + pid)
+    first = tl.load(table_ptr + seg)
+    start = tl.load(table_ptr + nseg + 1 + seg)
+    end = tl.load(table_ptr + 2 * nseg + 1 + seg)
+    offs = start + (pid - first) * BLOCK + tl.arange(0, BLOCK)     # int64: start is int64
+    mask = offs < end
+    a = tl.load(a_ptr + offs, mask=mask, other=0).to(ACC)
+    if KIND == 2:
+        b = tl.load(b_ptr + offs, mask=mask, other=0).to(ACC)
+        tl.store(part_ptr + pid, tl.sum(a * a, axis=0))
+        tl.store(part_ptr + nblocks + pid, tl.sum(a * b, axis=0))
+        tl.store(part_ptr + 2 * nblocks + pid, tl.sum(b * b, axis=0))
+    else:
+        if KIND == 1:
+            eta = tl.cast(eta_hi, ACC) + tl.cast(eta_mid, ACC) + tl.cast(eta_lo, ACC)
+            a = (tl.abs(tl.load(b_ptr + offs, mask=mask, other=0).to(ACC)) + eta) * a
+        tl.store(part_ptr + pid, tl.sum(tl.where(mask, a * a, 0.0), axis=0))
+
+
+@triton.jit
+def _segment_reduce_kernel(part_ptr, table_ptr, out_ptr, nblocks, K: tl.constexpr, RBLOCK: tl.constexpr):
+    """``out[seg, k]`` (fp32, ``K`` per segment) = the sum, in a fixed order, of row ``k`` of the
+    partials (``K`` rows of ``nblocks``) over the segment's blocks."""
+    seg = tl.program_id(0)
+    lo = tl.load(table_ptr + seg)
+    hi = tl.load(table_ptr + seg + 1)
+    for k in tl.static_range(K):
+        acc = tl.zeros([RBLOCK], dtype=part_ptr.dtype.element_ty)
+        for s in range(lo, hi, RBLOCK):
+            idx = s + tl.arange(0, RBLOCK)
+            acc += tl.load(part_ptr + k * nblocks + idx, mask=idx < hi, other=0)
+        tl.store(out_ptr + seg * K + k, tl.sum(acc, axis=0).to(tl.float32))
+
+
+def _segment_sums(kernel, args, x: torch.Tensor, table: torch.Tensor, nseg: int, nblocks: int,
+                  k: int, **meta) -> torch.Tensor:
+    """Launch ``kernel(*args, table, partials, nseg, nblocks)`` on every (segment, block), then the
+    fixed-order reduction: the fp32 ``(nseg, k)`` sums."""
+    partials = torch.empty((k, nblocks), dtype=_acc_torch(x.dtype), device=x.device)
+    out = torch.empty((nseg, k), dtype=torch.float32, device=x.device)
     with _device_ctx(x):
-        _sumsq_partials_kernel[(nblocks,)](x, x if weight is None else weight, table, partials, nseg,
-                                           HAS_W=weight is not None, ACC=acc, BLOCK=block,
-                                           **_LAUNCH)
-        _segment_reduce_kernel[(nseg,)](partials, table, out, RBLOCK=RBLOCK, **_LAUNCH)
+        kernel[(nblocks,)](*args, table, partials, nseg, nblocks, ACC=_acc(x.dtype), **meta, **_LAUNCH)
+        _segment_reduce_kernel[(nseg,)](partials, table, out, nblocks, K=k, RBLOCK=RBLOCK, **_LAUNCH)
     return out
 
 
+def segment_sumsq(x: torch.Tensor, bounds: Sequence[int],
+                  weight: Optional[torch.Tensor] = None, eta: float = 0.0) -> torch.Tensor:
+    """Per-segment sums of squares of ``x`` (of ``(|weight| + eta) * x`` when ``weight`` is
+    given: ASAM's ``T g``), in fp32."""
+    _check(x, weight=weight)
+    nseg, table, nblocks, block = _segments(x, bounds)
+    if table is None:                                   # no segment, all empty, or n == 0
+        return torch.zeros(nseg, dtype=torch.float32, device=x.device)
+    args = (x, x if weight is None else weight, *_split(eta, x.dtype == torch.float64))
+    return _segment_sums(_segment_partials_kernel, args, x, table, nseg, nblocks, 1,
+                         KIND=_SUMSQ if weight is None else _SUMSQ_T, BLOCK=block).view(nseg)
+
+
+def segment_gram(a: torch.Tensor, b: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
+    """Per segment, the fp32 triple (sum a^2, sum a*b, sum b^2): shape ``(segments, 3)``."""
+    _check(a, b=b)
+    nseg, table, nblocks, block = _segments(a, bounds)
+    if table is None:
+        return torch.zeros((nseg, 3), dtype=torch.float32, device=a.device)
+    return _segment_sums(_segment_partials_kernel, (a, b, 0.0, 0.0, 0.0), a, table, nseg, nblocks, 3,
+                         KIND=_GRAM, BLOCK=block)
+
+
+@triton.jit
+def _axpby_kernel(y_ptr, x_ptr, alpha_ptr, beta_ptr, table_ptr, part_ptr, nseg, nblocks,
+                  ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """``y <- alpha[seg] * y + beta[seg] * x`` on this program's (segment, block), and its
+    partial sum of squares of the stored (rounded) ``y``."""
+    pid = tl.program_id(0)
+    seg = tl.load(table_ptr + 3 * nseg + 1 + pid)
+    first = tl.load(table_ptr + seg)
+    start = tl.load(table_ptr + nseg + 1 + seg)
+    end = tl.load(table_ptr + 2 * nseg + 1 + seg)
+    offs = start + (pid - first) * BLOCK + tl.arange(0, BLOCK)     # int64: start is int64
+    mask = offs < end
+    alpha = tl.load(alpha_ptr + seg).to(ACC)
+    beta = tl.load(beta_ptr + seg).to(ACC)
+    y = tl.load(y_ptr + offs, mask=mask, other=0).to(ACC)
+    x = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC)
+    y = _rounded(alpha * y + beta * x, y_ptr)
+    tl.store(y_ptr + offs, y, mask=mask)
+    y = y.to(ACC)
+    tl.store(part_ptr + pid, tl.sum(tl.where(mask, y * y, 0.0), axis=0))
+
+
+def segment_axpby(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                  bounds: Sequence[int]) -> torch.Tensor:
+    """Per segment s: ``y <- alpha[s] * y + beta[s] * x`` (``alpha``, ``beta``: fp32 tensors of
+    one value per segment on the buffers' device, read by the kernel). Returns the fp32
+    per-segment sums of squares of the new ``y`` as stored. Segments must not overlap."""
+    _check(y, x=x)
+    nseg = max(len(bounds) - 1, 0)
+    for name, t in (("alpha", alpha), ("beta", beta)):
+        if t.dtype != torch.float32 or t.device != y.device or t.numel() != nseg:
+            raise ValueError(f"segment_axpby: {name} must be {nseg} fp32 values on {y.device}, got "
+                             f"{t.numel()} {t.dtype} values on {t.device}")
+    nseg, table, nblocks, block = _segments(y, bounds)
+    if table is None:
+        return torch.zeros(nseg, dtype=torch.float32, device=y.device)
+    return _segment_sums(_axpby_kernel, (y, x, alpha.contiguous(), beta.contiguous()), y, table, nseg,
+                         nblocks, 1, BLOCK=block).view(nseg)
+
+
 # --------------------------------------------------------------------------------------------
-# perturb: backup <- p; grad_keep <- g; p <- p + scale * T^2 * g
+# perturb: backup <- p; grad_keep <- g; p <- p + scale * T^2 * g, T = |p| + eta (adaptive)
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _perturb_kernel(p_ptr, g_ptr, scale_ptr, backup_ptr, keep_ptr, n,
+def _perturb_kernel(p_ptr, g_ptr, scale_ptr, backup_ptr, keep_ptr, n, eta_hi, eta_mid, eta_lo,
                     ADAPTIVE: tl.constexpr, HAS_KEEP: tl.constexpr, ACC: tl.constexpr,
                     BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -256,13 +337,14 @@ def _perturb_kernel(p_ptr, g_ptr, scale_ptr, backup_ptr, keep_ptr, n,
     w = p_raw.to(ACC)
     step = g_raw.to(ACC) * tl.load(scale_ptr).to(ACC)
     if ADAPTIVE:
-        step = step * w
-        step = step * w
+        t = tl.abs(w) + (tl.cast(eta_hi, ACC) + tl.cast(eta_mid, ACC) + tl.cast(eta_lo, ACC))
+        step = step * t
+        step = step * t
     tl.store(p_ptr + offs, _rounded(w + step, p_ptr), mask=mask)
 
 
 def perturb(param: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, backup: torch.Tensor,
-            adaptive: bool, grad_keep: Optional[torch.Tensor] = None) -> None:
+            adaptive: bool, grad_keep: Optional[torch.Tensor] = None, eta: float = 0.0) -> None:
     """SAM/ASAM ascent (see ``reference.perturb``); ``scale`` is read on the device."""
     _check(param, grad=grad, backup=backup, grad_keep=grad_keep)
     if scale.device != param.device or scale.numel() != 1:
@@ -274,6 +356,7 @@ def perturb(param: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, backup
     with _device_ctx(param):
         _perturb_kernel[_grid(n, block)](param, grad, scale, backup,
                                          backup if grad_keep is None else grad_keep, n,
+                                         *_split(eta, param.dtype == torch.float64),
                                          ADAPTIVE=bool(adaptive), HAS_KEEP=grad_keep is not None,
                                          ACC=_acc(param.dtype), BLOCK=block, **_LAUNCH)
 
