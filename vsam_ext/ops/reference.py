@@ -5,7 +5,7 @@ right: maths in fp32 (fp64 for fp64 buffers), one rounding when a 16-bit result 
 Every backend module provides these functions with these signatures:
 
 * ``segment_sumsq``      per-segment (per-tensor) sums of squares: the multi-tensor L2 norm
-* ``segment_gram``       per-segment (sum a^2, sum a*b, sum b^2): LookSAM's projection
+* ``segment_gram``       per-segment (sum a^2, sum a*b, sum b^2): LookSAM's projection (fp64 for fp64)
 * ``segment_axpby``      per-segment ``y <- alpha_s * y + beta_s * x`` (+ the new sums of squares)
 * ``perturb``            SAM/ASAM ascent, saving the weights (and, for vSAM, ``g``)
 * ``restore_psf_stats``  restore the weights, form the PSF, last-L statistics
@@ -46,17 +46,19 @@ def segment_sumsq(x: torch.Tensor, bounds: Sequence[int],
 
 
 def segment_gram(a: torch.Tensor, b: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
-    """Per segment, the fp32 triple (sum a^2, sum a*b, sum b^2): shape ``(segments, 3)``."""
+    """Per segment, the triple (sum a^2, sum a*b, sum b^2): shape ``(segments, 3)``; fp32, but
+    fp64 for fp64 buffers (LookSAM's projection cancels: its coefficient needs the precision)."""
+    out = torch.float64 if a.dtype == torch.float64 else torch.float32
     a, b = _wide(a), _wide(b)
-    rows = [torch.stack([(a[i:j] * a[i:j]).sum(), (a[i:j] * b[i:j]).sum(), (b[i:j] * b[i:j]).sum()]).float()
+    rows = [torch.stack([(a[i:j] * a[i:j]).sum(), (a[i:j] * b[i:j]).sum(), (b[i:j] * b[i:j]).sum()]).to(out)
             for i, j in zip(bounds[:-1], bounds[1:])]
-    return torch.stack(rows) if rows else torch.zeros(0, 3, device=a.device)
+    return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=out, device=a.device)
 
 
 def segment_axpby(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                   bounds: Sequence[int]) -> torch.Tensor:
-    """Per segment s: ``y <- alpha[s] * y + beta[s] * x`` (``alpha``, ``beta``: fp32 device
-    tensors of one value per segment; maths in fp32, fp64 for fp64 buffers). Returns the fp32
+    """Per segment s: ``y <- alpha[s] * y + beta[s] * x`` (``alpha``, ``beta``: device tensors
+    of one value per segment, in the maths dtype: fp32, fp64 for fp64 buffers). Returns the fp32
     per-segment sums of squares of the new ``y`` (as stored, i.e. after rounding)."""
     sums = []
     for s, (i, j) in enumerate(zip(bounds[:-1], bounds[1:])):

@@ -231,8 +231,8 @@ def _segment_partials_kernel(a_ptr, b_ptr, eta_hi, eta_mid, eta_lo, table_ptr, p
 
 @triton.jit
 def _segment_reduce_kernel(part_ptr, table_ptr, out_ptr, nblocks, K: tl.constexpr, RBLOCK: tl.constexpr):
-    """``out[seg, k]`` (fp32, ``K`` per segment) = the sum, in a fixed order, of row ``k`` of the
-    partials (``K`` rows of ``nblocks``) over the segment's blocks."""
+    """``out[seg, k]`` (``K`` per segment, in out's dtype) = the sum, in a fixed order, of row
+    ``k`` of the partials (``K`` rows of ``nblocks``) over the segment's blocks."""
     seg = tl.program_id(0)
     lo = tl.load(table_ptr + seg)
     hi = tl.load(table_ptr + seg + 1)
@@ -241,15 +241,15 @@ def _segment_reduce_kernel(part_ptr, table_ptr, out_ptr, nblocks, K: tl.constexp
         for s in range(lo, hi, RBLOCK):
             idx = s + tl.arange(0, RBLOCK)
             acc += tl.load(part_ptr + k * nblocks + idx, mask=idx < hi, other=0)
-        tl.store(out_ptr + seg * K + k, tl.sum(acc, axis=0).to(tl.float32))
+        tl.store(out_ptr + seg * K + k, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty))
 
 
 def _segment_sums(kernel, args, x: torch.Tensor, table: torch.Tensor, nseg: int, nblocks: int,
-                  k: int, **meta) -> torch.Tensor:
+                  k: int, out_dtype: torch.dtype = torch.float32, **meta) -> torch.Tensor:
     """Launch ``kernel(*args, table, partials, nseg, nblocks)`` on every (segment, block), then the
-    fixed-order reduction: the fp32 ``(nseg, k)`` sums."""
+    fixed-order reduction: the ``(nseg, k)`` sums (fp32 unless ``out_dtype``)."""
     partials = torch.empty((k, nblocks), dtype=_acc_torch(x.dtype), device=x.device)
-    out = torch.empty((nseg, k), dtype=torch.float32, device=x.device)
+    out = torch.empty((nseg, k), dtype=out_dtype, device=x.device)
     with _device_ctx(x):
         kernel[(nblocks,)](*args, table, partials, nseg, nblocks, ACC=_acc(x.dtype), **meta, **_LAUNCH)
         _segment_reduce_kernel[(nseg,)](partials, table, out, nblocks, K=k, RBLOCK=RBLOCK, **_LAUNCH)
@@ -270,13 +270,15 @@ def segment_sumsq(x: torch.Tensor, bounds: Sequence[int],
 
 
 def segment_gram(a: torch.Tensor, b: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
-    """Per segment, the fp32 triple (sum a^2, sum a*b, sum b^2): shape ``(segments, 3)``."""
+    """Per segment, the triple (sum a^2, sum a*b, sum b^2): shape ``(segments, 3)``; fp32, fp64
+    for fp64 buffers."""
     _check(a, b=b)
+    out = _acc_torch(a.dtype)
     nseg, table, nblocks, block = _segments(a, bounds)
     if table is None:
-        return torch.zeros((nseg, 3), dtype=torch.float32, device=a.device)
+        return torch.zeros((nseg, 3), dtype=out, device=a.device)
     return _segment_sums(_segment_partials_kernel, (a, b, 0.0, 0.0, 0.0), a, table, nseg, nblocks, 3,
-                         KIND=_GRAM, BLOCK=block)
+                         out_dtype=out, KIND=_GRAM, BLOCK=block)
 
 
 @triton.jit
@@ -303,14 +305,16 @@ def _axpby_kernel(y_ptr, x_ptr, alpha_ptr, beta_ptr, table_ptr, part_ptr, nseg, 
 
 def segment_axpby(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                   bounds: Sequence[int]) -> torch.Tensor:
-    """Per segment s: ``y <- alpha[s] * y + beta[s] * x`` (``alpha``, ``beta``: fp32 tensors of
-    one value per segment on the buffers' device, read by the kernel). Returns the fp32
-    per-segment sums of squares of the new ``y`` as stored. Segments must not overlap."""
+    """Per segment s: ``y <- alpha[s] * y + beta[s] * x`` (``alpha``, ``beta``: one value per
+    segment on the buffers' device, in the maths dtype — fp32, fp64 for fp64 buffers — read by
+    the kernel). Returns the fp32 per-segment sums of squares of the new ``y`` as stored.
+    Segments must not overlap."""
     _check(y, x=x)
     nseg = max(len(bounds) - 1, 0)
+    want = _acc_torch(y.dtype)
     for name, t in (("alpha", alpha), ("beta", beta)):
-        if t.dtype != torch.float32 or t.device != y.device or t.numel() != nseg:
-            raise ValueError(f"segment_axpby: {name} must be {nseg} fp32 values on {y.device}, got "
+        if t.dtype != want or t.device != y.device or t.numel() != nseg:
+            raise ValueError(f"segment_axpby: {name} must be {nseg} {want} values on {y.device}, got "
                              f"{t.numel()} {t.dtype} values on {t.device}")
     nseg, table, nblocks, block = _segments(y, bounds)
     if table is None:

@@ -23,9 +23,10 @@ _CONTRACT = ("the closure must take `indices` (None or positions in the batch) a
 
 
 def per_sample_losses(opt, closure: Callable, indices: Optional[torch.Tensor], expected: Optional[int],
-                      backward: bool) -> torch.Tensor:
+                      backward: bool, allow_no_graph: bool = False) -> torch.Tensor:
     """Call ``closure(indices)``, check what it returns, and when ``backward`` run the mean's
-    backward. Returns the detached losses."""
+    backward (skipped when ``allow_no_graph`` and nothing in the losses requires grad).
+    Returns the detached losses."""
     flat = opt.flat
     flat.accepting = False                  # a gradient arriving now means the closure ran backward
     try:
@@ -49,7 +50,7 @@ def per_sample_losses(opt, closure: Callable, indices: Optional[torch.Tensor], e
                          f"(indices={'None' if indices is None else f'{indices.numel()} positions'}); {_CONTRACT}")
     if out.numel() == 0:
         raise ValueError(f"{name}: the closure returned no losses (an empty batch)")
-    if backward:
+    if backward and not (allow_no_graph and not out.requires_grad):
         if not out.requires_grad:
             raise RuntimeError(f"{name}: the closure returned losses that do not require grad (detached, or "
                                f"computed under no_grad); {_CONTRACT}")

@@ -64,7 +64,9 @@ class ESAM(TwoPassOptimizer):
         try:
             for p in dropped:
                 p.requires_grad_(False)
-            loss0 = per_sample_losses(self, closure, None, None, backward=True)
+            # Every tensor left out (likely with few tensors): nothing to differentiate, e = 0.
+            everything = len(dropped) == sum(p.requires_grad for p in self.flat.managed) + len(dropped)
+            loss0 = per_sample_losses(self, closure, None, None, backward=True, allow_no_graph=everything)
         except BaseException:
             self._swp_drawn = False
             raise

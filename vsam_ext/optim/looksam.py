@@ -13,6 +13,11 @@ from ._driver import EPS, TwoPassOptimizer
 __all__ = ["LookSAM"]
 
 
+def _maths_dtype(b) -> torch.dtype:
+    """The ops' coefficient dtype for a buffer: fp64 for fp64 buffers, else fp32."""
+    return torch.float64 if b.dtype == torch.float64 else torch.float32
+
+
 class LookSAM(TwoPassOptimizer):
     """LookSAM-k around any ``torch.optim`` base optimizer.
 
@@ -43,7 +48,7 @@ class LookSAM(TwoPassOptimizer):
         while len(self._ones) <= i:
             self._ones.append(None)
         if self._ones[i] is None:
-            self._ones[i] = torch.ones(len(b.offsets), dtype=torch.float32, device=b.device)
+            self._ones[i] = torch.ones(len(b.offsets), dtype=_maths_dtype(b), device=b.device)
         return self._ones[i]
 
     def _after_second_pass(self) -> None:
@@ -55,7 +60,8 @@ class LookSAM(TwoPassOptimizer):
             g_norm, gs_norm = gram[:, 0].sqrt(), gram[:, 2].sqrt()
             cos = gram[:, 1] / (g_norm * gs_norm + EPS)
             coeff = gs_norm * cos / (g_norm + EPS)
-            self._gv_sq.append(self._ops.segment_axpby(b.psf, b.grad, -coeff, self._ones_for(i, b), bounds))
+            self._gv_sq.append(self._ops.segment_axpby(b.psf, b.grad, -coeff.to(_maths_dtype(b)),
+                                                       self._ones_for(i, b), bounds))
 
     def _adjust_cheap_grad(self) -> None:
         for i, (b, gv_sq) in enumerate(zip(self.flat.buffers, self._gv_sq)):
@@ -64,7 +70,7 @@ class LookSAM(TwoPassOptimizer):
             bounds = b.bounds()
             g_norm = self._ops.segment_sumsq(b.grad, bounds).sqrt()
             coeff = self.alpha * g_norm / (gv_sq.sqrt() + EPS)
-            self._ops.segment_axpby(b.grad, b.psf, self._ones_for(i, b), coeff, bounds)
+            self._ops.segment_axpby(b.grad, b.psf, self._ones_for(i, b), coeff.to(_maths_dtype(b)), bounds)
 
     def _on_abort(self) -> None:
         self._gv_sq = []          # the g_v buffers hold this step's g now
