@@ -57,21 +57,37 @@ void for_chunks(int64_t n, const F& f) {
   });
 }
 
-// Sum of squares with 8 independent double lanes (vectorisable, accurate).
-template <typename Load>
-double sumsq_range(int64_t begin, int64_t end, const Load& load) {
-  double lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+// K sums over [begin, end) with 8 independent double lanes each (vectorisable, accurate):
+// out[k] = sum_i t[k], where term(i, t) writes the K terms t of element i.
+template <int K, typename Term>
+void sum_range(int64_t begin, int64_t end, const Term& term, double* out) {
+  double lanes[K][8] = {};
+  double t[K];
   int64_t i = begin;
   for (; i + 8 <= end; i += 8)
-    for (int k = 0; k < 8; ++k) {
-      double v = load(i + k);
-      lanes[k] += v * v;
+    for (int l = 0; l < 8; ++l) {
+      term(i + l, t);
+      for (int k = 0; k < K; ++k) lanes[k][l] += t[k];
     }
   for (; i < end; ++i) {
-    double v = load(i);
-    lanes[0] += v * v;
+    term(i, t);
+    for (int k = 0; k < K; ++k) lanes[k][0] += t[k];
   }
-  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (int k = 0; k < K; ++k) {
+    const double* v = lanes[k];
+    out[k] = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+  }
+}
+
+// Sum of squares of load(i) over [begin, end).
+template <typename Load>
+double sumsq_range(int64_t begin, int64_t end, const Load& load) {
+  double out;
+  sum_range<1>(begin, end, [&](int64_t i, double* t) {
+    const double v = load(i);
+    t[0] = v * v;
+  }, &out);
+  return out;
 }
 
 // The statistics pair (sum g^2, sum PSF^2) over [stat_start, n), as an fp32 tensor, from
@@ -92,43 +108,123 @@ struct Stats {
 Tensor no_stats() { return at::empty({0}, at::TensorOptions().dtype(at::kFloat)); }
 
 // ---------------------------------------------------------------------------------------------
-Tensor segment_sumsq(const Tensor& x, at::IntArrayRef bounds, const c10::optional<Tensor>& weight) {
-  check_first(x, "x");
-  if (weight.has_value()) check_buffer(*weight, x, "weight");
+// The segment ops: segment k is [bounds[k], bounds[k+1]), cut into fixed chunks (jobs); each job
+// gives K double partial sums, added per segment in job order.
+struct SegJob { int64_t seg, begin, end; };
+
+std::vector<SegJob> segment_jobs(at::IntArrayRef bounds, int64_t n) {
   TORCH_CHECK(!bounds.empty(), "bounds: expected at least one boundary");
   const int64_t nseg = static_cast<int64_t>(bounds.size()) - 1;
   for (int64_t s = 0; s < nseg; ++s)
-    TORCH_CHECK(0 <= bounds[s] && bounds[s] <= bounds[s + 1] && bounds[s + 1] <= x.numel(),
-                "bounds: must be non-decreasing within [0, ", x.numel(), "]");
-  struct Job { int64_t seg, begin, end; };
-  std::vector<Job> jobs;
+    TORCH_CHECK(0 <= bounds[s] && bounds[s] <= bounds[s + 1] && bounds[s + 1] <= n,
+                "bounds: must be non-decreasing within [0, ", n, "]");
+  std::vector<SegJob> jobs;
   for (int64_t s = 0; s < nseg; ++s)
     for (int64_t b = bounds[s]; b < bounds[s + 1]; b += kChunk) jobs.push_back({s, b, std::min(bounds[s + 1], b + kChunk)});
-  std::vector<double> partial(jobs.size(), 0.0);
+  return jobs;
+}
+
+// Runs job_sums(job, out) (out: the job's K sums) for every job in parallel; returns the
+// per-segment sums as out_t (float, or double), of shape (nseg,) when K == 1, else (nseg, K).
+template <int K, typename out_t = float, typename F>
+Tensor segment_reduce(at::IntArrayRef bounds, int64_t n, const F& job_sums) {
+  const std::vector<SegJob> jobs = segment_jobs(bounds, n);
+  const int64_t nseg = static_cast<int64_t>(bounds.size()) - 1;
+  std::vector<double> partial(jobs.size() * K, 0.0);
+  at::parallel_for(0, static_cast<int64_t>(jobs.size()), 2, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) job_sums(jobs[j], &partial[j * K]);
+  });
+  std::vector<double> sums(nseg * K, 0.0);
+  for (size_t j = 0; j < jobs.size(); ++j)
+    for (int k = 0; k < K; ++k) sums[jobs[j].seg * K + k] += partial[j * K + k];
+  const auto opts = at::TensorOptions().dtype(std::is_same_v<out_t, double> ? at::kDouble : at::kFloat);
+  Tensor out = K == 1 ? at::zeros({nseg}, opts) : at::zeros({nseg, K}, opts);
+  out_t* o = out.data_ptr<out_t>();
+  for (int64_t s = 0; s < nseg * K; ++s) o[s] = static_cast<out_t>(sums[s]);
+  return out;
+}
+
+// Sums of squares of x, or of (|weight| + eta) * x (rounded to acc_t, as the reference does).
+Tensor segment_sumsq(const Tensor& x, at::IntArrayRef bounds, const c10::optional<Tensor>& weight, double eta) {
+  check_first(x, "x");
+  if (weight.has_value()) check_buffer(*weight, x, "weight");
+  Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "segment_sumsq", [&] {
     using a_t = acc_t<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = ptr_or_null<scalar_t>(weight);
-    at::parallel_for(0, static_cast<int64_t>(jobs.size()), 2, [&](int64_t j0, int64_t j1) {
-      for (int64_t j = j0; j < j1; ++j) {
-        const Job& job = jobs[j];
-        partial[j] = wp ? sumsq_range(job.begin, job.end, [&](int64_t i) {
-                            return static_cast<double>(std::abs(static_cast<a_t>(wp[i])) * static_cast<a_t>(xp[i]));
-                          })
-                        : sumsq_range(job.begin, job.end, [&](int64_t i) { return static_cast<double>(xp[i]); });
-      }
+    const a_t e = static_cast<a_t>(eta);
+    out = segment_reduce<1>(bounds, x.numel(), [&](const SegJob& job, double* sums) {
+      sums[0] = wp ? sumsq_range(job.begin, job.end, [&](int64_t i) {
+                       return static_cast<double>((std::abs(static_cast<a_t>(wp[i])) + e) * static_cast<a_t>(xp[i]));
+                     })
+                   : sumsq_range(job.begin, job.end, [&](int64_t i) { return static_cast<double>(xp[i]); });
     });
   });
-  std::vector<double> sums(nseg, 0.0);
-  for (size_t j = 0; j < jobs.size(); ++j) sums[jobs[j].seg] += partial[j];
-  Tensor out = at::zeros({nseg}, at::TensorOptions().dtype(at::kFloat));
-  for (int64_t s = 0; s < nseg; ++s) out.data_ptr<float>()[s] = static_cast<float>(sums[s]);
+  return out;
+}
+
+// Per segment (sum a^2, sum a*b, sum b^2): fp32, fp64 for double buffers.
+Tensor segment_gram(const Tensor& a, const Tensor& b, at::IntArrayRef bounds) {
+  check_first(a, "a");
+  check_buffer(b, a, "b");
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "segment_gram", [&] {
+    const scalar_t* ap = a.data_ptr<scalar_t>();
+    const scalar_t* bp = b.data_ptr<scalar_t>();
+    out = segment_reduce<3, acc_t<scalar_t>>(bounds, a.numel(), [&](const SegJob& job, double* sums) {
+      sum_range<3>(job.begin, job.end, [&](int64_t i, double* t) {
+        const double u = static_cast<double>(ap[i]), v = static_cast<double>(bp[i]);
+        t[0] = u * u;
+        t[1] = u * v;
+        t[2] = v * v;
+      }, sums);
+    });
+  });
+  return out;
+}
+
+// A per-segment coefficient tensor: contiguous, on the CPU, in the maths dtype of the buffer
+// `like` (float; double for double buffers), one value per segment.
+void check_per_segment(const Tensor& c, const Tensor& like, int64_t nseg, const char* name) {
+  const auto want = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(c.device().is_cpu(), name, ": expected a CPU tensor, got one on ", c.device());
+  TORCH_CHECK(c.scalar_type() == want, name, ": expected dtype ", want, " (the maths dtype of a ", like.scalar_type(),
+              " buffer), got ", c.scalar_type());
+  TORCH_CHECK(c.is_contiguous(), name, ": expected a contiguous tensor");
+  TORCH_CHECK(c.numel() == nseg, name, ": expected ", nseg, " values (one per segment), got ", c.numel());
+}
+
+// Per segment s: y <- alpha[s] * y + beta[s] * x; the sums of squares of the stored new y.
+Tensor segment_axpby(const Tensor& y, const Tensor& x, const Tensor& alpha, const Tensor& beta,
+                     at::IntArrayRef bounds) {
+  check_first(y, "y");
+  check_buffer(x, y, "x");
+  TORCH_CHECK(!bounds.empty(), "bounds: expected at least one boundary");
+  const int64_t nseg = static_cast<int64_t>(bounds.size()) - 1;
+  check_per_segment(alpha, y, nseg, "alpha");
+  check_per_segment(beta, y, nseg, "beta");
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "segment_axpby", [&] {
+    using a_t = acc_t<scalar_t>;
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const a_t* al = alpha.data_ptr<a_t>();
+    const a_t* be = beta.data_ptr<a_t>();
+    out = segment_reduce<1>(bounds, y.numel(), [&](const SegJob& job, double* sums) {
+      const a_t sa = al[job.seg], sb = be[job.seg];
+      for (int64_t i = job.begin; i < job.end; ++i)
+        yp[i] = static_cast<scalar_t>(sa * static_cast<a_t>(yp[i]) + sb * static_cast<a_t>(xp[i]));
+      // The chunk is still in cache: a second pass over the stored values.
+      sums[0] = sumsq_range(job.begin, job.end, [&](int64_t i) { return static_cast<double>(static_cast<a_t>(yp[i])); });
+    });
+  });
   return out;
 }
 
 // ---------------------------------------------------------------------------------------------
 void perturb(const Tensor& param, const Tensor& grad, const Tensor& scale, const Tensor& backup, bool adaptive,
-             const c10::optional<Tensor>& grad_keep) {
+             const c10::optional<Tensor>& grad_keep, double eta) {
   check_first(param, "param");
   check_buffer(grad, param, "grad");
   check_buffer(backup, param, "backup");
@@ -143,6 +239,7 @@ void perturb(const Tensor& param, const Tensor& grad, const Tensor& scale, const
     scalar_t* b = backup.data_ptr<scalar_t>();
     scalar_t* keep = grad_keep.has_value() ? grad_keep->data_ptr<scalar_t>() : nullptr;
     const a_t sc = static_cast<a_t>(s);
+    const a_t e = static_cast<a_t>(eta);
     for_chunks(param.numel(), [&](int64_t i0, int64_t i1, int64_t) {
       for (int64_t i = i0; i < i1; ++i) {
         const a_t w = static_cast<a_t>(p[i]);
@@ -150,7 +247,10 @@ void perturb(const Tensor& param, const Tensor& grad, const Tensor& scale, const
         b[i] = p[i];
         if (keep) keep[i] = g[i];
         a_t step = gi * sc;
-        if (adaptive) step = step * w * w;
+        if (adaptive) {
+          const a_t t = std::abs(w) + e;   // ASAM's T = |w| + eta
+          step = step * t * t;
+        }
         p[i] = static_cast<scalar_t>(w + step);
       }
     });
@@ -401,6 +501,8 @@ Tensor adamw_step(const Tensor& param, const Tensor& grad, const Tensor& exp_avg
 
 TORCH_LIBRARY_IMPL(vsam_ext, CPU, m) {
   m.impl("segment_sumsq", &segment_sumsq);
+  m.impl("segment_gram", &segment_gram);
+  m.impl("segment_axpby", &segment_axpby);
   m.impl("perturb", &perturb);
   m.impl("restore_psf_stats", &restore_psf_stats);
   m.impl("reuse", &reuse);

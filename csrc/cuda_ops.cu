@@ -1,4 +1,4 @@
-// The CUDA kernels of vsam_ext._C: TORCH_LIBRARY_IMPL(vsam_ext, CUDA) for the six ops of
+// The CUDA kernels of vsam_ext._C: TORCH_LIBRARY_IMPL(vsam_ext, CUDA) for the eight ops of
 // registration.cpp, with the semantics of vsam_ext/ops/reference.py (the oracle). The shared
 // machinery (vector loads, the grid-stride loop, deterministic block sums, the launcher,
 // argument checks) is in cuda_utils.cuh; this file holds one functor per op and its host side.
@@ -19,33 +19,46 @@ namespace gpu {
 namespace {
 
 // ===============================================================================================
-// segment_sumsq
+// the segment ops: segment_sumsq, segment_gram, segment_axpby
 // ===============================================================================================
-// Per-segment sums of squares (the multi-tensor L2 norm), deterministic.
+// Per-segment sums, deterministic. Segment k is `x[bounds[k]:bounds[k+1]]` as Python slices it
+// (as the reference does): an empty or reversed range gives 0. Sums in acc_t (fp32; fp64 for
+// double), returned as F::out (fp32; segment_gram: acc_t): shape (nseg,), or (nseg, K) for K > 1
+// sums per segment.
 //
-//   out[k] = sum_{i in [b_k, b_{k+1})} v_i^2,  v_i = x_i, or |w_i| * x_i when weight is given,
-//
-// in acc_t (fp32; fp64 for double), returned as fp32. Segments follow Python slicing of
-// `x[bounds[k]:bounds[k+1]]` (as the reference does): an empty or reversed range gives 0.
+//   segment_sumsq:  out[k] = sum v_i^2,  v_i = x_i, or (|w_i| + eta) * x_i when weight is given
+//   segment_gram:   out[k] = (sum a_i^2, sum a_i b_i, sum b_i^2), fp64 for double buffers
+//   segment_axpby:  y_i <- T(alpha[k] * y_i + beta[k] * x_i) (alpha, beta: acc_t, read on the
+//                   device);
+//                   out[k] = sum of the squares of the stored new y_i
 //
 // Plan (host): every non-empty segment gets a number of blocks roughly proportional to its
 // length (at least one, at most one per kMinChunk elements, about kBlocksPerSm * SMs in all),
-// each block a contiguous chunk of its segment. The table of chunks (2 int64 per block) and
-// the first block of each segment (nseg + 1 int64) go to the device in one non-blocking copy
-// from pinned memory. Pass 1: block b sums the squares of its chunk into partials[b]. Pass 2:
-// block k adds partials[first[k] : first[k+1]] in a fixed order into out[k].
+// each block a contiguous chunk of its segment. The table of chunks (start, end, segment: 3
+// int64 per block) and the first block of each segment (nseg + 1 int64) go to the device in
+// one non-blocking copy from pinned memory. Pass 1: block b adds its chunk's K sums into
+// partials[k * nblocks + b]. Pass 2: block s adds partials[k * nblocks + first[s] ...
+// first[s+1]] in a fixed order into out[s * K + k].
+//
+// A segment functor has kSums (K), the result type `out`, load_segment_scalars(segment) (called
+// once per thread before its chunk) and apply<N>(i, acc (&s)[K]).
 
 constexpr int64_t kMinChunk = 8192;   // elements: a block gets at least this much of a segment
 
 template <typename T>
 struct SumsqF {
   using acc = acc_t<T>;
+  using out = float;
   static constexpr int kV = kVec<T>;
+  static constexpr int kSums = 1;
   const T* x;
   const T* w;   // nullptr: no weight
+  acc eta;
+
+  __host__ __device__ __forceinline__ void load_segment_scalars(int64_t) {}
 
   template <int N>
-  __host__ __device__ __forceinline__ void apply(int64_t i, acc& s0, acc& /*unused*/) const {
+  __host__ __device__ __forceinline__ void apply(int64_t i, acc (&s)[kSums]) const {
     T xr[N];
     load<N>(xr, x + i);
     if (w != nullptr) {
@@ -53,56 +66,129 @@ struct SumsqF {
       load<N>(wr, w + i);
       VSAM_UNROLL
       for (int j = 0; j < N; ++j) {
-        const acc v = dev_abs(static_cast<acc>(wr[j])) * static_cast<acc>(xr[j]);
-        s0 += v * v;
+        const acc v = (dev_abs(static_cast<acc>(wr[j])) + eta) * static_cast<acc>(xr[j]);
+        s[0] += v * v;
       }
     } else {
       VSAM_UNROLL
       for (int j = 0; j < N; ++j) {
         const acc v = static_cast<acc>(xr[j]);
-        s0 += v * v;
+        s[0] += v * v;
       }
     }
   }
 };
 
-// Block b: the chunk [chunks[2b], chunks[2b+1]) -> partials[b].
 template <typename T>
-__global__ void __launch_bounds__(kThreads) segment_sumsq_kernel(SumsqF<T> f, const int64_t* chunks, bool vec_ok,
-                                                                 acc_t<T>* partials) {
-  using A = acc_t<T>;
-  const int64_t s = chunks[2 * static_cast<int64_t>(blockIdx.x)];
-  const int64_t e = chunks[2 * static_cast<int64_t>(blockIdx.x) + 1];
-  A s0 = A(0), s1 = A(0);
-  for_range<SumsqF<T>::kV>(s, e, threadIdx.x, blockDim.x, vec_ok, f, s0, s1);
-  block_sum2(s0, s1);
-  if (threadIdx.x == 0) partials[blockIdx.x] = s0;
+struct GramF {
+  using acc = acc_t<T>;
+  using out = acc;      // LookSAM's projection cancels: fp64 sums stay fp64
+  static constexpr int kV = kVec<T>;
+  static constexpr int kSums = 3;
+  const T* a;
+  const T* b;
+
+  __host__ __device__ __forceinline__ void load_segment_scalars(int64_t) {}
+
+  template <int N>
+  __host__ __device__ __forceinline__ void apply(int64_t i, acc (&s)[kSums]) const {
+    T ar[N], br[N];
+    load<N>(ar, a + i);
+    load<N>(br, b + i);
+    VSAM_UNROLL
+    for (int j = 0; j < N; ++j) {
+      const acc u = static_cast<acc>(ar[j]), v = static_cast<acc>(br[j]);
+      s[0] += u * u;
+      s[1] += u * v;
+      s[2] += v * v;
+    }
+  }
+};
+
+template <typename T>
+struct AxpbyF {
+  using acc = acc_t<T>;
+  using out = float;
+  static constexpr int kV = kVec<T>;
+  static constexpr int kSums = 1;
+  T* y;
+  const T* x;
+  const acc* alpha_ptr;     // one value per segment, on the device
+  const acc* beta_ptr;
+  acc alpha, beta;          // this block's segment's, set by load_segment_scalars
+
+  __host__ __device__ __forceinline__ void load_segment_scalars(int64_t seg) {
+    alpha = alpha_ptr[seg];
+    beta = beta_ptr[seg];
+  }
+
+  template <int N>
+  __host__ __device__ __forceinline__ void apply(int64_t i, acc (&s)[kSums]) const {
+    T yr[N], xr[N];
+    load<N>(yr, y + i);
+    load<N>(xr, x + i);
+    VSAM_UNROLL
+    for (int j = 0; j < N; ++j) {
+      yr[j] = static_cast<T>(alpha * static_cast<acc>(yr[j]) + beta * static_cast<acc>(xr[j]));
+      const acc v = static_cast<acc>(yr[j]);
+      s[0] += v * v;
+    }
+    store<N>(y + i, yr);
+  }
+};
+
+// Block b: the chunk [chunks[3b], chunks[3b+1]) of segment chunks[3b+2] -> partials[k * nblocks + b].
+template <typename F>
+__global__ void __launch_bounds__(kThreads) segment_kernel(F f, const int64_t* chunks, bool vec_ok,
+                                                           typename F::acc* partials) {
+  using A = typename F::acc;
+  constexpr int K = F::kSums;
+  const int64_t* c = chunks + 3 * static_cast<int64_t>(blockIdx.x);
+  f.load_segment_scalars(c[2]);
+  A s[K];
+  VSAM_UNROLL
+  for (int k = 0; k < K; ++k) s[k] = A(0);
+  for_range<F::kV>(c[0], c[1], threadIdx.x, blockDim.x, vec_ok, f, s);
+  block_sum<K>(s);
+  if (threadIdx.x == 0) {
+    VSAM_UNROLL
+    for (int k = 0; k < K; ++k) partials[k * static_cast<int64_t>(gridDim.x) + blockIdx.x] = s[k];
+  }
 }
 
-// Block k: out[k] = sum partials[first[k] : first[k+1]] (0 for a segment without blocks).
-template <typename A>
-__global__ void __launch_bounds__(kThreads) segment_finalize_kernel(const A* partials, const int64_t* first,
-                                                                    float* out) {
+// Block s: out[s * K + k] = sum partials[k * nblocks + first[s] ... first[s+1]] (0 for a segment
+// without blocks), as O.
+template <typename A, typename O, int K>
+__global__ void __launch_bounds__(kThreads) segment_finalize_kernel(const A* partials, int64_t nblocks,
+                                                                    const int64_t* first, O* out) {
   const int64_t a = first[blockIdx.x], b = first[blockIdx.x + 1];
-  A s = A(0), unused = A(0);
-  for (int64_t k = a + threadIdx.x; k < b; k += blockDim.x) s += partials[k];
-  block_sum2(s, unused);
-  if (threadIdx.x == 0) out[blockIdx.x] = static_cast<float>(s);
+  A s[K];
+  VSAM_UNROLL
+  for (int k = 0; k < K; ++k) s[k] = A(0);
+  for (int64_t j = a + threadIdx.x; j < b; j += blockDim.x) {
+    VSAM_UNROLL
+    for (int k = 0; k < K; ++k) s[k] += partials[k * nblocks + j];
+  }
+  block_sum<K>(s);
+  if (threadIdx.x == 0) {
+    VSAM_UNROLL
+    for (int k = 0; k < K; ++k) out[static_cast<int64_t>(blockIdx.x) * K + k] = static_cast<O>(s[k]);
+  }
 }
 
-// The host plan for n > 0: `chunks` gets (start, end) per block, `first` the block range of
-// segment k, [first[k], first[k+1]) (nseg + 1 entries). A non-empty segment of len elements
-// gets max(1, min(ceil(len / kMinChunk), ceil(len / n * target))) blocks, each a contiguous
-// chunk; interior chunk boundaries are multiples of 16 elements, so a chunk's vectors are
-// aligned when the buffer is. Empty (or reversed) segments get no block.
+// The host plan for n > 0: `chunks` gets (start, end, segment) per block, `first` the block
+// range of segment k, [first[k], first[k+1]) (nseg + 1 entries). A non-empty segment of len
+// elements gets max(1, min(ceil(len / kMinChunk), ceil(len / n * target))) blocks, each a
+// contiguous chunk; interior chunk boundaries are multiples of 16 elements, so a chunk's
+// vectors are aligned when the buffer is. Empty (or reversed) segments get no block.
 void plan_segments(c10::IntArrayRef bounds, int64_t n, int64_t target, std::vector<int64_t>& chunks,
                    std::vector<int64_t>& first) {
   const int64_t nseg = bounds.size() > 1 ? static_cast<int64_t>(bounds.size()) - 1 : 0;
   chunks.clear();
-  chunks.reserve(2 * static_cast<size_t>(target + nseg));
+  chunks.reserve(3 * static_cast<size_t>(target + nseg));
   first.assign(nseg + 1, 0);
   for (int64_t k = 0; k < nseg; ++k) {
-    first[k] = static_cast<int64_t>(chunks.size() / 2);
+    first[k] = static_cast<int64_t>(chunks.size() / 3);
     const int64_t a = slice_index(bounds[k], n), e = slice_index(bounds[k + 1], n);
     if (e <= a) continue;
     const int64_t len = e - a;
@@ -114,59 +200,116 @@ void plan_segments(c10::IntArrayRef bounds, int64_t n, int64_t target, std::vect
     int64_t start = a;
     for (int64_t c = a + cs; c < e; c += cs) {
       const int64_t cut = c / 16 * 16;
-      chunks.push_back(start);
-      chunks.push_back(cut);
+      chunks.insert(chunks.end(), {start, cut, k});
       start = cut;
     }
-    chunks.push_back(start);
-    chunks.push_back(e);
+    chunks.insert(chunks.end(), {start, e, k});
   }
-  first[nseg] = static_cast<int64_t>(chunks.size() / 2);
+  first[nseg] = static_cast<int64_t>(chunks.size() / 3);
 }
 
-at::Tensor segment_sumsq_cuda(const at::Tensor& x, c10::IntArrayRef bounds, const std::optional<at::Tensor>& weight) {
-  check_main(x, "x");
-  if (present(weight)) check_like(*weight, "weight", x, "x");
-  const int64_t n = x.numel();
+// Runs the segment functor f (buffers of n elements of T like `like`, vec_ok: all its pointers
+// 16-byte aligned) over the segments of `bounds`: the sums as F::out, (nseg,) or (nseg, K). The
+// caller holds a CUDAGuard.
+template <typename T, typename F>
+at::Tensor launch_segments(const F& f, bool vec_ok, c10::IntArrayRef bounds, const at::Tensor& like,
+                           const char* op) {
+  using A = acc_t<T>;
+  using O = typename F::out;
+  constexpr int K = F::kSums;
+  const int64_t n = like.numel();
   const int64_t nseg = bounds.size() > 1 ? static_cast<int64_t>(bounds.size()) - 1 : 0;
-  const c10::cuda::CUDAGuard guard(x.device());
-  const auto float_opts = x.options().dtype(at::kFloat);
-  if (nseg == 0 || n == 0) return at::zeros({nseg}, float_opts);
+  const auto out_opts = like.options().dtype(std::is_same_v<O, double> ? at::kDouble : at::kFloat);
+  const auto zeros = [&] { return K == 1 ? at::zeros({nseg}, out_opts) : at::zeros({nseg, K}, out_opts); };
+  if (nseg == 0 || n == 0) return zeros();
 
   // The plan: chunk boundaries per segment, then each segment's first block.
-  const int device = x.get_device();
+  const int device = like.get_device();
   std::vector<int64_t> chunks, first;
   plan_segments(bounds, n, static_cast<int64_t>(sm_count(device)) * kBlocksPerSm, chunks, first);
-  const int64_t nblocks = static_cast<int64_t>(chunks.size() / 2);
-  if (nblocks == 0) return at::zeros({nseg}, float_opts);   // every segment is empty
-  TORCH_CHECK(nblocks <= INT32_MAX && nseg <= INT32_MAX, "vsam_ext: segment_sumsq: too many segments (", nseg, ")");
+  const int64_t nblocks = static_cast<int64_t>(chunks.size() / 3);
+  if (nblocks == 0) return zeros();   // every segment is empty
+  TORCH_CHECK(nblocks <= INT32_MAX && nseg <= INT32_MAX, "vsam_ext: ", op, ": too many segments (", nseg, ")");
 
   // One pinned host table -> the device, without blocking the host. The caching host
   // allocator records the copy on the stream, so the pinned block is not reused before it ran.
-  const int64_t table_len = 2 * nblocks + nseg + 1;
+  const int64_t table_len = 3 * nblocks + nseg + 1;
   at::Tensor host = at::empty({table_len}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   int64_t* h = host.data_ptr<int64_t>();
   std::copy(chunks.begin(), chunks.end(), h);
-  std::copy(first.begin(), first.end(), h + 2 * nblocks);
-  at::Tensor table = at::empty({table_len}, x.options().dtype(at::kLong));
+  std::copy(first.begin(), first.end(), h + 3 * nblocks);
+  at::Tensor table = at::empty({table_len}, like.options().dtype(at::kLong));
   table.copy_(host, /*non_blocking=*/true);
   const int64_t* d_chunks = table.data_ptr<int64_t>();
-  const int64_t* d_first = d_chunks + 2 * nblocks;
+  const int64_t* d_first = d_chunks + 3 * nblocks;
 
-  at::Tensor out = at::empty({nseg}, float_opts);
+  at::Tensor out = K == 1 ? at::empty({nseg}, out_opts) : at::empty({nseg, K}, out_opts);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  at::Tensor partials = at::empty({K * nblocks}, like.options().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat));
+  segment_kernel<F><<<static_cast<unsigned>(nblocks), kThreads, 0, stream>>>(f, d_chunks, vec_ok, partials.data_ptr<A>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  segment_finalize_kernel<A, O, K><<<static_cast<unsigned>(nseg), kThreads, 0, stream>>>(
+      partials.data_ptr<A>(), nblocks, d_first, out.data_ptr<O>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor segment_sumsq_cuda(const at::Tensor& x, c10::IntArrayRef bounds, const std::optional<at::Tensor>& weight,
+                              double eta) {
+  check_main(x, "x");
+  if (present(weight)) check_like(*weight, "weight", x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vsam_ext::segment_sumsq", [&] {
     using T = scalar_t;
+    const SumsqF<T> f{x.data_ptr<T>(), ptr_or_null<T>(weight), static_cast<acc_t<T>>(eta)};
+    const bool vec_ok = aligned16(f.x) && (f.w == nullptr || aligned16(f.w));
+    out = launch_segments<T>(f, vec_ok, bounds, x, "segment_sumsq");
+  });
+  return out;
+}
+
+at::Tensor segment_gram_cuda(const at::Tensor& a, const at::Tensor& b, c10::IntArrayRef bounds) {
+  check_main(a, "a");
+  check_like(b, "b", a, "a");
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "vsam_ext::segment_gram", [&] {
+    using T = scalar_t;
+    const GramF<T> f{a.data_ptr<T>(), b.data_ptr<T>()};
+    out = launch_segments<T>(f, aligned16(f.a) && aligned16(f.b), bounds, a, "segment_gram");
+  });
+  return out;
+}
+
+// `alpha`/`beta` of segment_axpby: contiguous, on `ref`'s device, in ref's maths dtype (float32;
+// float64 for double buffers), one value per segment.
+void check_per_segment(const at::Tensor& c, const char* name, const at::Tensor& ref, int64_t nseg) {
+  const auto want = ref.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(c.defined(), "vsam_ext: ", name, " is undefined");
+  TORCH_CHECK(c.is_cuda() && c.device() == ref.device(), "vsam_ext: ", name, " must be on y's device ",
+              ref.device(), " (a device tensor, never read on the host), got one on ", c.device());
+  TORCH_CHECK(c.scalar_type() == want, "vsam_ext: ", name, " must be ", want, " (the maths dtype of a ",
+              ref.scalar_type(), " buffer), got ", c.scalar_type());
+  TORCH_CHECK(c.is_contiguous(), "vsam_ext: ", name, " must be contiguous");
+  TORCH_CHECK(c.numel() == nseg, "vsam_ext: ", name, " must hold ", nseg, " values (one per segment), got ",
+              c.numel());
+}
+
+at::Tensor segment_axpby_cuda(const at::Tensor& y, const at::Tensor& x, const at::Tensor& alpha,
+                              const at::Tensor& beta, c10::IntArrayRef bounds) {
+  check_main(y, "y");
+  check_like(x, "x", y, "y");
+  const int64_t nseg = bounds.size() > 1 ? static_cast<int64_t>(bounds.size()) - 1 : 0;
+  check_per_segment(alpha, "alpha", y, nseg);
+  check_per_segment(beta, "beta", y, nseg);
+  const c10::cuda::CUDAGuard guard(y.device());
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "vsam_ext::segment_axpby", [&] {
+    using T = scalar_t;
     using A = acc_t<T>;
-    const T* w = present(weight) ? weight->data_ptr<T>() : nullptr;
-    const bool vec_ok = aligned16(x.data_ptr()) && (w == nullptr || aligned16(w));
-    at::Tensor partials = at::empty({nblocks}, x.options().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat));
-    segment_sumsq_kernel<T><<<static_cast<unsigned>(nblocks), kThreads, 0, stream>>>(
-        SumsqF<T>{x.data_ptr<T>(), w}, d_chunks, vec_ok, partials.data_ptr<A>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    segment_finalize_kernel<A><<<static_cast<unsigned>(nseg), kThreads, 0, stream>>>(
-        partials.data_ptr<A>(), d_first, out.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const AxpbyF<T> f{y.data_ptr<T>(), x.data_ptr<T>(), alpha.data_ptr<A>(), beta.data_ptr<A>(), A(0), A(0)};
+    out = launch_segments<T>(f, aligned16(f.y) && aligned16(f.x), bounds, y, "segment_axpby");
   });
   return out;
 }
@@ -179,7 +322,7 @@ at::Tensor segment_sumsq_cuda(const at::Tensor& x, c10::IntArrayRef bounds, cons
 //
 //   perturb:            backup <- p;  keep <- g (when given);
 //                       p <- T(w + s * g)              (SAM)
-//                       p <- T(w + ((s * g) * w) * w)  (ASAM, adaptive)
+//                       p <- T(w + ((s * g) * t) * t)  (ASAM, adaptive; t = |w| + eta)
 //                       with w = acc(p), s = *scale read on the device.
 //   restore_psf_stats:  p <- backup;  with psf: PSF = T(acc(g_sam) - acc(psf)) -> psf and the
 //                       pair (sum g^2 over the old psf, sum PSF^2 over the new psf) on
@@ -197,6 +340,7 @@ struct PerturbF {
   T* keep;              // nullptr: the gradient is not kept
   const float* scale_ptr;
   bool adaptive;
+  acc eta;              // ASAM's T = |w| + eta
   acc scale;            // *scale_ptr, read once per thread by load_device_scalars
 
   __host__ __device__ __forceinline__ void load_device_scalars() { scale = static_cast<acc>(*scale_ptr); }
@@ -212,7 +356,10 @@ struct PerturbF {
     for (int j = 0; j < N; ++j) {
       const acc w = static_cast<acc>(p[j]);
       acc step = static_cast<acc>(g[j]) * scale;
-      if (adaptive) step = step * w * w;
+      if (adaptive) {
+        const acc t = dev_abs(w) + eta;
+        step = step * t * t;
+      }
       out[j] = static_cast<T>(w + step);
     }
     store<N>(param + i, out);
@@ -265,7 +412,7 @@ struct ReuseF {
 };
 
 void perturb_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& backup,
-                  bool adaptive, const std::optional<at::Tensor>& grad_keep) {
+                  bool adaptive, const std::optional<at::Tensor>& grad_keep, double eta) {
   check_main(param, "param");
   check_like(grad, "grad", param, "param");
   check_like(backup, "backup", param, "param");
@@ -276,7 +423,7 @@ void perturb_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "vsam_ext::perturb", [&] {
     using T = scalar_t;
     PerturbF<T> f{param.data_ptr<T>(), grad.data_ptr<T>(), backup.data_ptr<T>(), ptr_or_null<T>(grad_keep),
-                  scale.data_ptr<float>(), adaptive, acc_t<T>(0)};
+                  scale.data_ptr<float>(), adaptive, static_cast<acc_t<T>>(eta), acc_t<T>(0)};
     const bool vec_ok = aligned16(f.param) && aligned16(f.grad) && aligned16(f.backup) &&
                         (f.keep == nullptr || aligned16(f.keep));
     launch_elementwise<T>(f, n, vec_ok, param);
@@ -593,6 +740,8 @@ at::Tensor adamw_step_cuda(const at::Tensor& param, const at::Tensor& grad, cons
 
 TORCH_LIBRARY_IMPL(vsam_ext, CUDA, m) {
   m.impl("segment_sumsq", &vsam_ext::gpu::segment_sumsq_cuda);
+  m.impl("segment_gram", &vsam_ext::gpu::segment_gram_cuda);
+  m.impl("segment_axpby", &vsam_ext::gpu::segment_axpby_cuda);
   m.impl("perturb", &vsam_ext::gpu::perturb_cuda);
   m.impl("restore_psf_stats", &vsam_ext::gpu::restore_psf_stats_cuda);
   m.impl("reuse", &vsam_ext::gpu::reuse_cuda);

@@ -94,54 +94,65 @@ template <typename A> __host__ __device__ __forceinline__ A dev_sqrt(A x);
 template <> __host__ __device__ __forceinline__ float dev_sqrt<float>(float x) { return sqrtf(x); }
 template <> __host__ __device__ __forceinline__ double dev_sqrt<double>(double x) { return sqrt(x); }
 
-// Calls f.apply<W>(i, s0, s1) for the elements of [s, e): thread `tid` of `nthreads` takes
-// every nthreads-th chunk. With vec_ok (all of the functor's pointers 16-byte aligned) the
-// chunks in [round_up(s, V), round_down(e, V)) are whole vectors (W = V); the head before and
-// the tail after are single elements (W = 1). Without vec_ok, every element is a W = 1 chunk.
-template <int V, typename F, typename A>
+// Calls f.apply<W>(i, acc...) for the elements of [s, e) (acc: the thread's accumulators, passed
+// through: (s0, s1) for the element-wise functors, one array for the segment functors): thread
+// `tid` of `nthreads` takes every nthreads-th chunk. With vec_ok (all of the functor's pointers
+// 16-byte aligned) the chunks in [round_up(s, V), round_down(e, V)) are whole vectors (W = V);
+// the head before and the tail after are single elements (W = 1). Without vec_ok, every
+// element is a W = 1 chunk.
+template <int V, typename F, typename... A>
 __host__ __device__ __forceinline__ void for_range(int64_t s, int64_t e, int64_t tid, int64_t nthreads,
-                                                   bool vec_ok, const F& f, A& s0, A& s1) {
+                                                   bool vec_ok, const F& f, A&... acc) {
   if (V > 1 && vec_ok) {
     const int64_t up = (s + V - 1) / V * V;
     const int64_t a = up < e ? up : e;                              // first index of a vector
     const int64_t z = a + (e - a) / V * V;                          // end of the last vector
     VSAM_NO_UNROLL
-    for (int64_t i = s + tid; i < a; i += nthreads) f.template apply<1>(i, s0, s1);
-    for (int64_t i = a + tid * V; i < z; i += nthreads * V) f.template apply<V>(i, s0, s1);
+    for (int64_t i = s + tid; i < a; i += nthreads) f.template apply<1>(i, acc...);
+    for (int64_t i = a + tid * V; i < z; i += nthreads * V) f.template apply<V>(i, acc...);
     VSAM_NO_UNROLL
-    for (int64_t i = z + tid; i < e; i += nthreads) f.template apply<1>(i, s0, s1);
+    for (int64_t i = z + tid; i < e; i += nthreads) f.template apply<1>(i, acc...);
   } else {
-    for (int64_t i = s + tid; i < e; i += nthreads) f.template apply<1>(i, s0, s1);
+    for (int64_t i = s + tid; i < e; i += nthreads) f.template apply<1>(i, acc...);
   }
 }
 
-// Sum over the block of each thread's (a, b), in a fixed order (warp shuffles, then one warp
+// Sum over the block of each thread's K values v, in a fixed order (warp shuffles, then one warp
 // over the warps' sums): the same inputs give the same bits. The result is in thread 0.
 // Every thread of the block must call it. blockDim.x must be a multiple of 32 (<= 1024).
-template <typename A>
-__device__ __forceinline__ void block_sum2(A& a, A& b) {
-  __shared__ A sa[32], sb[32];
+template <int K, typename A>
+__device__ __forceinline__ void block_sum(A (&v)[K]) {
+  __shared__ A sv[K][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   VSAM_UNROLL
   for (int o = 16; o > 0; o >>= 1) {
-    a += __shfl_down_sync(0xffffffffu, a, o);
-    b += __shfl_down_sync(0xffffffffu, b, o);
+    VSAM_UNROLL
+    for (int k = 0; k < K; ++k) v[k] += __shfl_down_sync(0xffffffffu, v[k], o);
   }
   if (lane == 0) {
-    sa[warp] = a;
-    sb[warp] = b;
+    VSAM_UNROLL
+    for (int k = 0; k < K; ++k) sv[k][warp] = v[k];
   }
   __syncthreads();
   if (warp == 0) {
-    a = lane < nwarps ? sa[lane] : A(0);
-    b = lane < nwarps ? sb[lane] : A(0);
+    VSAM_UNROLL
+    for (int k = 0; k < K; ++k) v[k] = lane < nwarps ? sv[k][lane] : A(0);
     VSAM_UNROLL
     for (int o = 16; o > 0; o >>= 1) {
-      a += __shfl_down_sync(0xffffffffu, a, o);
-      b += __shfl_down_sync(0xffffffffu, b, o);
+      VSAM_UNROLL
+      for (int k = 0; k < K; ++k) v[k] += __shfl_down_sync(0xffffffffu, v[k], o);
     }
   }
-  __syncthreads();   // sa/sb may be reused by a following call
+  __syncthreads();   // sv may be reused by a following call
+}
+
+// block_sum of the pair (a, b).
+template <typename A>
+__device__ __forceinline__ void block_sum2(A& a, A& b) {
+  A v[2] = {a, b};
+  block_sum<2>(v);
+  a = v[0];
+  b = v[1];
 }
 
 template <typename A> __host__ __device__ __forceinline__ A dev_abs(A x);

@@ -4,13 +4,17 @@
 //
 // Conventions: every buffer is 1-D, contiguous, of one dtype (float, double, half, bfloat16)
 // and on one device; maths in fp32 (fp64 for double buffers); `scale` is a 0-d fp32 tensor on
-// the buffers' device. Ops that may return "no statistics" return an empty tensor instead.
+// the buffers' device; `alpha`/`beta` of segment_axpby hold one value per segment on the
+// buffers' device, in the maths dtype. Results are fp32, except segment_gram's, fp64 for double
+// buffers. Ops that may return "no statistics" return an empty tensor instead.
 #include <torch/library.h>
 
 TORCH_LIBRARY(vsam_ext, m) {
-  m.def("segment_sumsq(Tensor x, int[] bounds, Tensor? weight) -> Tensor");
+  m.def("segment_sumsq(Tensor x, int[] bounds, Tensor? weight, float eta=0.0) -> Tensor");
+  m.def("segment_gram(Tensor a, Tensor b, int[] bounds) -> Tensor");
+  m.def("segment_axpby(Tensor(a!) y, Tensor x, Tensor alpha, Tensor beta, int[] bounds) -> Tensor");
   m.def("perturb(Tensor(a!) param, Tensor grad, Tensor scale, Tensor(b!) backup, bool adaptive, "
-        "Tensor(c!)? grad_keep) -> ()");
+        "Tensor(c!)? grad_keep, float eta=0.0) -> ()");
   m.def("restore_psf_stats(Tensor(a!) param, Tensor backup, Tensor grad_sam, Tensor(b!)? psf, "
         "int stat_start) -> Tensor");
   m.def("reuse(Tensor(a!) grad, Tensor psf, float coeff) -> ()");

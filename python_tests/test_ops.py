@@ -98,8 +98,9 @@ def test_segment_gram(backend, dtype, n):
     for bounds in _layouts(n):
         got = _ops(backend).segment_gram(a, b, bounds)
         want = R.segment_gram(a.cpu(), b.cpu(), bounds)
-        assert got.dtype == torch.float32 and got.shape == (len(bounds) - 1, 3)
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+        wide = dtype == torch.float64
+        assert got.dtype == (torch.float64 if wide else torch.float32) and got.shape == (len(bounds) - 1, 3)
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-12 if wide else 1e-5, atol=1e-12 if wide else 1e-5)
         assert torch.equal(a.cpu(), _rand(n, dtype, "cpu", 31))        # inputs are not written
 
 
@@ -120,8 +121,9 @@ def test_segment_axpby(backend, dtype, n):
         y, y_ref = _pair(n, dtype, dev, 33)
         x, x_ref = _pair(n, dtype, dev, 34)
         for call in range(2):                    # the second call starts from the first's result
-            alpha = _rand(nseg, torch.float32, "cpu", 35 + call)
-            beta = _rand(nseg, torch.float32, "cpu", 37 + call)
+            coeff_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            alpha = _rand(nseg, coeff_dtype, "cpu", 35 + call)
+            beta = _rand(nseg, coeff_dtype, "cpu", 37 + call)
             if nseg:
                 alpha[0] = 1.0                   # LookSAM's reuse form: y + beta * x
             got = _ops(backend).segment_axpby(y, x, alpha.to(dev), beta.to(dev), bounds)
@@ -290,8 +292,9 @@ def test_property_random_layouts(backend, data):
     torch.testing.assert_close(_ops(backend).segment_sumsq(x, bounds, w, 0.01).cpu(),
                                R.segment_sumsq(x_ref, bounds, w_ref, 0.01), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(_ops(backend).segment_gram(x, w, bounds).cpu(),
-                               R.segment_gram(x_ref, w_ref, bounds), rtol=1e-5, atol=1e-5)
-    coeffs = [_rand(len(sizes), torch.float32, "cpu", seed + k) for k in (4, 5)]
+                               R.segment_gram(x_ref, w_ref, bounds), rtol=1e-5, atol=1e-5)    # dtype checked too
+    coeffs = [_rand(len(sizes), torch.float64 if dtype == torch.float64 else torch.float32, "cpu", seed + k)
+              for k in (4, 5)]
     y, y_ref = _pair(n, dtype, dev, seed + 6)
     torch.testing.assert_close(_ops(backend).segment_axpby(y, x, *[c.to(dev) for c in coeffs], bounds).cpu(),
                                R.segment_axpby(y_ref, x_ref, *coeffs, bounds), rtol=1e-5, atol=1e-5)
@@ -340,9 +343,12 @@ def test_cpu_results_do_not_depend_on_the_thread_count():
             x = _rand(1_000_003, torch.float32, "cpu", 1)
             p, g, backup, psf = (_rand(1_000_003, torch.float32, "cpu", s) for s in (2, 3, 4, 5))
             m = torch.zeros_like(p)
-            sums = ops.segment_sumsq(x, [0, 17, 500_000, 1_000_003])
+            bounds = [0, 17, 500_000, 1_000_003]
+            sums = torch.stack([ops.segment_sumsq(x, bounds), ops.segment_sumsq(x, bounds, p, 0.01)])
+            gram = ops.segment_gram(x, g, bounds)
+            axpby = ops.segment_axpby(backup, x, torch.tensor([0.5, 1.0, -2.0]), torch.tensor([1.5, 0.25, 3.0]), bounds)
             stats = ops.sgd_step(p, g, m, psf, backup, 0.0, 1000, 0.1, 1e-4, 0.9, 0.0, False, False, True)
-            results.append((sums, stats, p, m, psf))
+            results.append((sums, gram, axpby, stats, p, m, psf, backup))
     finally:
         torch.set_num_threads(old)
     for a, b in zip(*results):

@@ -11,7 +11,8 @@ import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.vsam_ext.*)
 
-__all__ = ["segment_sumsq", "perturb", "restore_psf_stats", "reuse", "sgd_step", "adamw_step", "has_kernel"]
+__all__ = ["segment_sumsq", "segment_gram", "segment_axpby", "perturb", "restore_psf_stats", "reuse", "sgd_step",
+           "adamw_step", "has_kernel"]
 
 _ops = torch.ops.vsam_ext
 
@@ -24,12 +25,22 @@ def _stats(t: torch.Tensor) -> Optional[torch.Tensor]:
     return t if t.numel() else None
 
 
-def segment_sumsq(x: torch.Tensor, bounds: Sequence[int], weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    return _ops.segment_sumsq(x, [int(b) for b in bounds], weight)
+def segment_sumsq(x: torch.Tensor, bounds: Sequence[int], weight: Optional[torch.Tensor] = None,
+                  eta: float = 0.0) -> torch.Tensor:
+    return _ops.segment_sumsq(x, [int(b) for b in bounds], weight, float(eta))
 
 
-def perturb(param, grad, scale, backup, adaptive: bool, grad_keep=None) -> None:
-    _ops.perturb(param, grad, scale, backup, adaptive, grad_keep)
+def segment_gram(a: torch.Tensor, b: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
+    return _ops.segment_gram(a, b, [int(k) for k in bounds])
+
+
+def segment_axpby(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+                  bounds: Sequence[int]) -> torch.Tensor:
+    return _ops.segment_axpby(y, x, alpha, beta, [int(k) for k in bounds])
+
+
+def perturb(param, grad, scale, backup, adaptive: bool, grad_keep=None, eta: float = 0.0) -> None:
+    _ops.perturb(param, grad, scale, backup, adaptive, grad_keep, float(eta))
 
 
 def restore_psf_stats(param, backup, grad_sam, psf, stat_start: int):
