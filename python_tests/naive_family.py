@@ -62,15 +62,13 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+# The plain helpers shared with the SAM/vSAM oracle (same float64 norms, same buffer handling).
+from naive_reference import global_norm, restore_buffers, save_buffers, trainable  # noqa: F401
+
 EPS = 1e-12
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def trainable(params) -> List[torch.Tensor]:
-    """Parameters that require grad, in the given (registration / param_groups) order."""
-    return [p for p in params if p.requires_grad]
-
 
 def sq_sum(t: Optional[torch.Tensor]) -> float:
     """Sum of squares of a tensor, float64, as a Python float (0 for None)."""
@@ -85,10 +83,6 @@ def tnorm(t: Optional[torch.Tensor]) -> float:
 
 def tdot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.detach().double() * b.detach().double()).sum())
-
-
-def global_norm(tensors) -> float:
-    return math.sqrt(sum(sq_sum(t) for t in tensors))
 
 
 def clear_grads(params) -> None:
@@ -123,20 +117,6 @@ def per_sample_pass(params, closure, indices, backward: bool = True):
     with torch.no_grad():
         losses = closure(indices)
     return losses.detach().clone(), None
-
-
-def save_buffers(model) -> Optional[Dict[str, torch.Tensor]]:
-    if model is None:
-        return None
-    return {name: b.detach().clone() for name, b in model.named_buffers()}
-
-
-def restore_buffers(model, saved) -> None:
-    if model is None or saved is None:
-        return
-    with torch.no_grad():
-        for name, b in model.named_buffers():
-            b.copy_(saved[name])
 
 
 def base_step_with(params, grads, base) -> None:
