@@ -24,6 +24,7 @@ import torch
 from .. import ops
 from ..flat import FlatParams
 from . import _bn
+from ._amp import unscale_and_check
 from ._asam import resolve_adaptive
 from ._fused_base import fused_base_for
 
@@ -97,6 +98,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self.backend, self._ops = ops.resolve_backend(backend, [b.device for b in self.flat.buffers])
         self._fused_base = fused_base_for(self.base_optimizer) if fused_base else None
         self._phase: Optional[str] = None      # None, "sam" (between the passes) or "cheap"
+        self.skipped_steps = 0                 # steps skipped for non-finite gradients (GradScaler)
         self._inactive: List[torch.Tensor] = []
         self._bn_flags: List[bool] = []
 
@@ -125,22 +127,43 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             p.grad = None
 
     # -- the step ------------------------------------------------------------------------
-    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None, grad_scaler=None):
         """One optimizer step. ``closure`` runs forward + backward and returns the loss; it is
-        called twice on a SAM step, once otherwise; the loss of the first call is returned."""
+        called twice on a SAM step, once otherwise; the loss of the first call is returned.
+
+        ``grad_scaler``: a ``torch.amp.GradScaler`` whose ``scale(loss)`` the closure
+        backpropagates (fp16); a step whose gradients overflow in either pass is skipped as a
+        whole. Call ``grad_scaler.update()`` after the step (see ``_amp``)."""
         if closure is None:
             raise TypeError(f"{type(self).__name__}.step() needs a closure that runs forward + backward "
-                            f"and returns the loss; or call first_step() / second_step() yourself")
+                            f"and returns the loss; or call first_step() / second_step() yourself "
+                            f"(with a GradScaler: opt.step(closure, grad_scaler=scaler); scaler.update())")
         closure = torch.enable_grad()(closure)
         self.zero_grad()
         loss = closure()
+        if not unscale_and_check(self, grad_scaler, first_pass=True):
+            return self._skip(loss)
+        snapshot = None
+        if grad_scaler is not None:          # to undo the decision if the second pass overflows
+            self._feed_stats()               # (queued statistics belong to earlier steps: keep them)
+            snapshot = self.controller.state_dict()
         if self.first_step():
             try:
                 closure()
             except BaseException:
                 self._abort()
                 raise
+            if not unscale_and_check(self, grad_scaler, first_pass=False):
+                self._abort()
+                self.controller.load_state_dict(snapshot)
+                return self._skip(loss)
         self.second_step()
+        return loss
+
+    def _skip(self, loss):
+        """A step with non-finite (overflowed) gradients: nothing changes but the count."""
+        self.skipped_steps += 1
+        self.zero_grad()
         return loss
 
     @torch.no_grad()
@@ -306,7 +329,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
     @property
     def stats(self) -> Dict[str, object]:
         """A snapshot: steps, sam_steps, last_step_sam, quota, probability, backend, ..."""
-        return dict(self.controller.stats(), backend=self.backend)
+        return dict(self.controller.stats(), backend=self.backend, skipped_steps=self.skipped_steps)
 
     def state_dict(self) -> dict:
         if self._phase is not None:
@@ -316,6 +339,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                 "vsam_ext": {"format": _FORMAT, "optimizer": type(self).__name__,
                              "layout": self.flat.state_layout(),
                              "controller": self.controller.state_dict(),
+                             "skipped_steps": self.skipped_steps,
                              "extra": self._extra_state()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -340,6 +364,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         if self._fused_base is not None:
             self._fused_base.invalidate()
         self.controller.load_state_dict(ours["controller"])
+        self.skipped_steps = int(ours.get("skipped_steps", 0))
         self._load_extra_state(ours["extra"])
 
 

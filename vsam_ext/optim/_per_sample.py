@@ -23,10 +23,10 @@ _CONTRACT = ("the closure must take `indices` (None or positions in the batch) a
 
 
 def per_sample_losses(opt, closure: Callable, indices: Optional[torch.Tensor], expected: Optional[int],
-                      backward: bool, allow_no_graph: bool = False) -> torch.Tensor:
+                      backward: bool, allow_no_graph: bool = False, grad_scaler=None) -> torch.Tensor:
     """Call ``closure(indices)``, check what it returns, and when ``backward`` run the mean's
-    backward (skipped when ``allow_no_graph`` and nothing in the losses requires grad).
-    Returns the detached losses."""
+    backward (through ``grad_scaler.scale`` when given; skipped when ``allow_no_graph`` and
+    nothing in the losses requires grad). Returns the detached losses."""
     flat = opt.flat
     flat.accepting = False                  # a gradient arriving now means the closure ran backward
     try:
@@ -54,5 +54,6 @@ def per_sample_losses(opt, closure: Callable, indices: Optional[torch.Tensor], e
         if not out.requires_grad:
             raise RuntimeError(f"{name}: the closure returned losses that do not require grad (detached, or "
                                f"computed under no_grad); {_CONTRACT}")
-        out.mean().backward()
+        mean = out.mean()
+        (grad_scaler.scale(mean) if grad_scaler is not None else mean).backward()
     return out.detach()

@@ -8,6 +8,7 @@ import torch
 
 from ..controller import EveryStep, _check_float, _check_int
 from ..importance import ImportanceTable
+from ._amp import unscale_and_check
 from ._driver import TwoPassOptimizer
 from ._per_sample import per_sample_losses
 
@@ -96,29 +97,45 @@ class AUSAM(TwoPassOptimizer):
         self._pending = (self._batch_ids, change, copied)
         self._batch_ids = None
 
-    def step(self, closure: Optional[Callable] = None, sample_ids: Optional[torch.Tensor] = None):
+    def step(self, closure: Optional[Callable] = None, sample_ids: Optional[torch.Tensor] = None,
+             grad_scaler=None):
         if closure is None or sample_ids is None:
             raise TypeError("AUSAM.step(closure, sample_ids) needs a closure(indices) that returns per-sample "
                             "losses and the batch's dataset indices (see vsam_ext.IndexedDataset)")
+        seen = self.samples_seen
         positions = self.begin(sample_ids)
         expected = len(sample_ids) if positions is None else positions.numel()
         if positions is not None:
             positions = positions.to(self.flat.buffers[0].device, non_blocking=True)
         self.zero_grad()
         try:
-            loss0 = per_sample_losses(self, closure, positions, expected, backward=True)
+            loss0 = per_sample_losses(self, closure, positions, expected, backward=True, grad_scaler=grad_scaler)
+            if not unscale_and_check(self, grad_scaler, first_pass=True):
+                return self._skip_batch(loss0, seen)
+            snapshot = self.controller.state_dict()
             self.first_step()
             try:
-                loss1 = per_sample_losses(self, closure, positions, expected, backward=True)
+                loss1 = per_sample_losses(self, closure, positions, expected, backward=True,
+                                          grad_scaler=grad_scaler)
             except BaseException:
                 self._abort()
                 raise
         except BaseException:
             self._batch_ids = None
             raise
+        if not unscale_and_check(self, grad_scaler, first_pass=False):
+            self._abort()
+            self.controller.load_state_dict(snapshot)
+            return self._skip_batch(loss0, seen)
         self.second_step()
         self.record(loss0, loss1)
         return loss0.mean()
+
+    def _skip_batch(self, loss0: torch.Tensor, seen: int):
+        """An overflowed step: the batch counts as not stepped over (the draw is not undone)."""
+        self._batch_ids = None
+        self.samples_seen = seen
+        return self._skip(loss0.mean())
 
     @property
     def stats(self):

@@ -8,6 +8,7 @@ from typing import Callable, List, Optional
 import torch
 
 from ..controller import EveryStep, _check_float, _check_int
+from ._amp import unscale_and_check
 from ._driver import TwoPassOptimizer
 from ._per_sample import per_sample_losses
 
@@ -54,7 +55,7 @@ class ESAM(TwoPassOptimizer):
     def _perturb(self, norm=None, radius_factor: float = 1.0) -> None:
         super()._perturb(norm, radius_factor / self.beta)
 
-    def step(self, closure: Optional[Callable] = None):
+    def step(self, closure: Optional[Callable] = None, grad_scaler=None):
         if closure is None:
             raise TypeError("ESAM.step() needs a closure(indices) that returns per-sample losses "
                             "(see the ESAM docstring), or use first_step() / select() / second_step()")
@@ -66,7 +67,8 @@ class ESAM(TwoPassOptimizer):
                 p.requires_grad_(False)
             # Every tensor left out (likely with few tensors): nothing to differentiate, e = 0.
             everything = len(dropped) == sum(p.requires_grad for p in self.flat.managed) + len(dropped)
-            loss0 = per_sample_losses(self, closure, None, None, backward=True, allow_no_graph=everything)
+            loss0 = per_sample_losses(self, closure, None, None, backward=True, allow_no_graph=everything,
+                                      grad_scaler=grad_scaler)
         except BaseException:
             self._swp_drawn = False
             raise
@@ -74,15 +76,24 @@ class ESAM(TwoPassOptimizer):
             for p in dropped:
                 p.requires_grad_(True)
         batch = loss0.numel()
+        if not unscale_and_check(self, grad_scaler, first_pass=True):
+            self._swp_drawn = False
+            return self._skip(loss0.mean())
+        snapshot = self.controller.state_dict()
         self.first_step()
         try:
             indices = None
             if self.gamma < 1.0:
                 indices = self.select(loss0, per_sample_losses(self, closure, None, batch, backward=False))
-            per_sample_losses(self, closure, indices, batch if indices is None else indices.numel(), backward=True)
+            per_sample_losses(self, closure, indices, batch if indices is None else indices.numel(), backward=True,
+                              grad_scaler=grad_scaler)
         except BaseException:
             self._abort()
             raise
+        if not unscale_and_check(self, grad_scaler, first_pass=False):
+            self._abort()
+            self.controller.load_state_dict(snapshot)
+            return self._skip(loss0.mean())
         self.second_step()
         return loss0.mean()
 

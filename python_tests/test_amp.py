@@ -1,0 +1,212 @@
+"""Mixed precision and micro-batching: GradScaler steps (bit-identical when nothing overflows,
+skipped as a whole when a pass overflows), 16-bit weights (perturbation undone bit for bit,
+training tracks fp32), gradient accumulation inside the closure."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vsam_ext as vx
+from helpers import batch, closure_for, make_mlp
+
+CLOSURE_OPTIMIZERS = {
+    "sam": lambda ps, **kw: vx.SAM(ps, torch.optim.SGD, **kw),
+    "vsam": lambda ps, **kw: vx.VSAM(ps, torch.optim.SGD, window=6, slices=1, warmup_steps=4, **kw),
+    "looksam": lambda ps, **kw: vx.LookSAM(ps, torch.optim.SGD, k=3, **kw),
+    "aesam": lambda ps, **kw: vx.AESAM(ps, torch.optim.SGD, total_steps=30, **kw),
+}
+
+
+def scaled_closure(model, step, scaler, dtype=torch.float32, inject=None):
+    """The fp16 pattern: backpropagate ``scaler.scale(loss)``; ``inject(call)`` may poison a gradient."""
+    x, y = batch(step, dtype)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = F.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        if inject is not None:
+            inject(len(calls))
+        return loss
+    return closure
+
+
+def _state(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            copy.deepcopy(opt.base_optimizer.state_dict()), copy.deepcopy(opt.controller.state_dict()))
+
+
+@pytest.mark.parametrize("name", list(CLOSURE_OPTIMIZERS))
+def test_grad_scaler_steps_equal_unscaled_steps(name):
+    """The scale is a power of two, so unscaling is exact: same bits as without a scaler."""
+    m1, m2 = make_mlp(), make_mlp()
+    o1 = CLOSURE_OPTIMIZERS[name](m1.parameters(), lr=0.05, momentum=0.9)
+    o2 = CLOSURE_OPTIMIZERS[name](m2.parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    for t in range(20):
+        o1.step(closure_for(m1, o1, t))
+        o2.step(scaled_closure(m2, t, scaler), grad_scaler=scaler)
+        scaler.update()
+        assert o1.stats["last_step_sam"] == o2.stats["last_step_sam"]
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+    assert o2.stats["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("name", list(CLOSURE_OPTIMIZERS))
+@pytest.mark.parametrize("bad_pass", [1, 2])
+def test_overflow_skips_the_step_as_a_whole(name, bad_pass):
+    model = make_mlp()
+    opt = CLOSURE_OPTIMIZERS[name](model.parameters(), lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    for t in range(6):                                      # some state first (step 6 is a SAM step for all)
+        opt.step(scaled_closure(model, t, scaler), grad_scaler=scaler)
+        scaler.update()
+    if bad_pass == 2:                                       # make step 6 a SAM step
+        opt = _force_sam_next(opt)
+    before = _state(model, opt)
+    scale = scaler.get_scale()
+    steps = opt.stats["steps"]
+
+    def inject(call):
+        if call == bad_pass:
+            model[0].weight.grad[0, 0] = float("inf")
+    loss = opt.step(scaled_closure(model, 6, scaler, inject=inject), grad_scaler=scaler)
+    scaler.update()
+    assert torch.isfinite(loss)
+    after = _state(model, opt)
+    for a, b in zip(before[0], after[0]):
+        assert torch.equal(a, b)                            # weights restored exactly
+    assert str(before[1]) == str(after[1])                  # base state untouched
+    assert before[2] == after[2]                            # controller not fed, decision undone
+    assert scaler.get_scale() == scale / 2                  # the scaler saw the overflow
+    assert opt.stats["skipped_steps"] == 1 and opt.stats["steps"] == steps
+    opt.step(scaled_closure(model, 7, scaler), grad_scaler=scaler)   # and the next step proceeds
+    scaler.update()
+    assert opt.stats["steps"] == steps + 1 and opt.stats["last_step_sam"] in (True, False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _force_sam_next(opt):
+    if isinstance(opt.controller, vx.controller.Periodic):
+        opt.controller.steps = 0 if opt.controller.steps % opt.controller.period else opt.controller.steps
+    elif isinstance(opt.controller, vx.controller.AESAMController):
+        opt.controller.lambdas = (-1e9, -1e9)               # the threshold is always met
+    elif isinstance(opt.controller, vx.controller.VSAMController):
+        opt.controller.warmup_steps = 10 ** 6                # still warming up: SAM steps
+    return opt
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", [b for b in vx.available_backends() if b in ("reference", "cpu", "triton")])
+def test_16bit_weights_perturbation_is_undone_bit_for_bit(dtype, backend):
+    """lr = 0: the step is perturb, second pass, restore, and an identity base step, so the
+    weights must come back with exactly the same bits."""
+    model = make_mlp(dtype=dtype)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = vx.SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.0, backend=backend)
+    for t in range(3):
+        opt.step(closure_for(model, opt, t, dtype))
+    for p, q in zip(model.parameters(), before):
+        assert p.dtype == dtype and torch.equal(p.detach(), q)
+
+
+def test_bf16_training_tracks_fp32():
+    """The same SAM run in bf16 weights and in fp32: stated tolerance, final training loss within
+    5 % and parameters within 5e-2 relative (bf16 keeps 8 bits of mantissa)."""
+    def run(dtype):
+        model = make_mlp(seed=1, dtype=dtype)
+        opt = vx.SAM(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9)
+        for t in range(100):
+            loss = opt.step(closure_for(model, opt, t % 10, dtype))
+        return float(loss.detach()), torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    loss32, w32 = run(torch.float32)
+    loss16, w16 = run(torch.bfloat16)
+    assert abs(loss16 - loss32) <= 0.05 * loss32
+    assert (w16 - w32).norm() <= 5e-2 * w32.norm()
+
+
+@pytest.mark.parametrize("name", ["sam", "vsam", "looksam"])
+def test_accumulation_over_micro_batches_equals_one_batch(name):
+    """Four micro-batches inside the closure (each loss / 4) equal the concatenated batch."""
+    dtype = torch.float64
+    m1, m2 = make_mlp(dtype=dtype), make_mlp(dtype=dtype)
+    o1 = CLOSURE_OPTIMIZERS[name](m1.parameters(), lr=0.05, momentum=0.9)
+    o2 = CLOSURE_OPTIMIZERS[name](m2.parameters(), lr=0.05, momentum=0.9)
+    for t in range(25):
+        x, y = batch(t, dtype, n=24)
+
+        def whole():
+            loss = F.cross_entropy(m1(x), y)
+            loss.backward()
+            return loss
+
+        def micro():
+            total = 0.0
+            for xs, ys in zip(x.chunk(4), y.chunk(4)):
+                loss = F.cross_entropy(m2(xs), ys) / 4
+                loss.backward()
+                total += loss.detach()
+            return total
+        o1.step(whole)
+        o2.step(micro)
+        assert o1.stats["last_step_sam"] == o2.stats["last_step_sam"]
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["esam", "ausam"])
+@pytest.mark.parametrize("bad_pass", [0, 1, 2])
+def test_per_sample_optimizers_with_grad_scaler(name, bad_pass):
+    """ESAM/AUSAM take ``grad_scaler`` too: the optimizer scales the mean it backpropagates;
+    bad_pass 0: no overflow (same bits as without a scaler); 1 or 2: that pass overflows and
+    the step is skipped with the weights, the base state and the controller as they were."""
+    def build(model):
+        if name == "esam":
+            return vx.ESAM(model.parameters(), torch.optim.SGD, beta=1.0, lr=0.05, momentum=0.9)
+        return vx.AUSAM(model.parameters(), torch.optim.SGD, num_samples=24, lr=0.05, momentum=0.9)
+
+    def closure_for_step(model, t, poison_call=None):
+        x, y = batch(t)
+        calls = []
+
+        def closure(indices=None):
+            if torch.is_grad_enabled():
+                calls.append(1)
+            xb, yb = (x, y) if indices is None else (x[indices], y[indices])
+            losses = F.cross_entropy(model(xb), yb, reduction="none")
+            if len(calls) == poison_call and torch.is_grad_enabled():
+                losses = losses * torch.tensor(float("inf"))
+            return losses
+        return closure
+
+    def go(model, opt, t, scaler=None, poison=None):
+        closure = closure_for_step(model, t, poison)
+        ids = torch.arange(24)
+        if name == "ausam":
+            return opt.step(closure, ids, grad_scaler=scaler)
+        return opt.step(closure, grad_scaler=scaler)
+
+    m1, m2 = make_mlp(), make_mlp()
+    o1, o2 = build(m1), build(m2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    for t in range(4):
+        go(m1, o1, t)
+        go(m2, o2, t, scaler)
+        scaler.update()
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+    if bad_pass == 0:
+        return
+    before = _state(m2, o2)
+    seen = getattr(o2, "samples_seen", None)
+    go(m2, o2, 4, scaler, poison=bad_pass)
+    scaler.update()
+    after = _state(m2, o2)
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert str(before[1]) == str(after[1]) and before[2] == after[2]
+    assert o2.stats["skipped_steps"] == 1 and getattr(o2, "samples_seen", None) == seen
+    assert scaler.get_scale() == 2.0 ** 7
+
