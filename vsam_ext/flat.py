@@ -91,6 +91,9 @@ class FlatParams:
                 continue
             if not p.dtype.is_floating_point:
                 raise TypeError(f"params: only floating-point parameters can be optimized, got {p.dtype}")
+            if type(p).__name__ == "FlatParameter" or type(p).__name__ == "DTensor":
+                raise TypeError(f"params: a {type(p).__name__} (FSDP) is not supported yet: the flat buffers "
+                                f"would take over storage FSDP manages; use DistributedDataParallel")
             buckets.setdefault((p.device, p.dtype, bool(scaled(p)) if scaled else False), []).append(p)
         for (_, _, is_scaled), bucket in buckets.items():
             self.buffers.append(FlatBuffer(group_index, bucket, is_scaled))
