@@ -122,3 +122,41 @@ def test_family_on_cuda_matches_cpu_reference(backend, name):
     assert dec == dec_ref
     for a, b in zip(ps, p_ref):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b != "reference"])
+def test_fp16_autocast_with_grad_scaler_on_cuda(backend):
+    """The README's fp16 pattern on a device: autocast + GradScaler, 50 vSAM steps, an injected
+    overflow skipped as a whole."""
+    model = _model()
+    opt = VSAM(model.parameters(), torch.optim.SGD, lr=0.01, momentum=0.9, backend=backend, window=10,
+               slices=2, warmup_steps=5, model=model)
+    scaler = torch.amp.GradScaler("cuda")
+    x = torch.randn(64, 32, device="cuda")
+    y = torch.randint(0, 10, (64,), device="cuda")
+    for t in range(50):
+        def closure():
+            with torch.autocast("cuda", dtype=torch.float16):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            if t == 30:
+                model[0].weight.grad[0, 0] = float("inf")
+            return loss
+        opt.step(closure, grad_scaler=scaler)
+        scaler.update()
+    assert opt.stats["skipped_steps"] >= 1 and opt.stats["steps"] == 50 - opt.stats["skipped_steps"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b != "reference"])
+def test_16bit_weights_restored_bit_for_bit_on_cuda(backend, dtype):
+    model = _model().to(dtype)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.0, backend=backend, model=model)
+    x = torch.randn(64, 32, device="cuda", dtype=dtype)
+    y = torch.randint(0, 10, (64,), device="cuda")
+    for _ in range(3):
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(x).float(), y).backward())
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p.detach(), q)

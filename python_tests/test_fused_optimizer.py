@@ -29,6 +29,10 @@ OPTIMIZERS = {
     "looksam": (LookSAM, dict(k=3, alpha=0.7)),
     "aesam": (AESAM, dict(total_steps=60)),
 }
+# LookSAM's own ops run before the base step, AE-SAM has no op of its own: one fused SGD, one
+# fused AdamW and one generic base suffice for them (CI time: the Triton interpreter is slow).
+FEW_BASES = {"looksam": ("sgd", "adamw", "rmsprop"), "aesam": ("sgd",)}
+PAIRS = [(o, b) for o in OPTIMIZERS for b in BASES if b in FEW_BASES.get(o, BASES)]
 
 
 def _build(backend, opt_name, base_name, dtype=torch.float64, seed=0):
@@ -47,8 +51,7 @@ def _assert_close(a, b, rtol):
 
 @pytest.mark.skipif(not FUSED, reason="no fused backend built")
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
-@pytest.mark.parametrize("base_name", list(BASES))
+@pytest.mark.parametrize("opt_name,base_name", PAIRS)
 def test_backend_matches_reference_over_60_steps(backend, opt_name, base_name):
     if DEVICE[backend] == "cpu" and backend == "triton" and base_name == "rmsprop":
         pytest.skip("interpreter time")
