@@ -33,6 +33,7 @@ OPTIMIZERS = {
     "esam-swp": lambda ps, **kw: vx.ESAM(ps, torch.optim.SGD, beta=0.6, gamma=0.5, **kw, **SGD),
     "ausam": lambda ps, **kw: vx.AUSAM(ps, torch.optim.SGD, num_samples=96, ramp_epochs=2, **kw, **SGD),
 }
+PER_RANK = {f"{name}-per-rank": OPTIMIZERS[name] for name in ("sam", "vsam", "looksam", "aesam")}
 LOCAL_SELECTION = {"esam", "esam-swp", "ausam"}
 # ESAM's SWP turns requires_grad off for some tensors in the first pass: DDP must be told that
 # some parameters may get no gradient in a backward.
@@ -73,10 +74,11 @@ def _worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         results = {}
-        for name, build in OPTIMIZERS.items():
+        for name, build in {**OPTIMIZERS, **PER_RANK}.items():
             model = make_mlp(dtype=DTYPE)
             ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=name in FIND_UNUSED)
-            opt = build(ddp.parameters(), model=ddp)          # built after wrapping
+            extra = {"perturbation": "per_rank"} if name in PER_RANK else {}
+            opt = build(ddp.parameters(), model=ddp, **extra)          # built after wrapping
             decisions = train(name, ddp, opt, rank)
             results[name] = {"decisions": decisions, "params": [p.detach().clone() for p in model.parameters()]}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -92,7 +94,7 @@ def ranks():
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("name", list(OPTIMIZERS) + list(PER_RANK))
 def test_ddp_ranks_agree(ranks, name):
     a, b = ranks[0][name], ranks[1][name]
     assert a["decisions"] == b["decisions"]
@@ -119,3 +121,47 @@ def test_fsdp_parameters_are_refused_clearly():
     p = FlatParameter(torch.zeros(4))
     with pytest.raises(TypeError, match="FlatParameter \\(FSDP\\) is not supported yet"):
         vx.SAM([p], torch.optim.SGD, lr=0.1)
+
+
+def test_per_rank_perturbation_is_m_sharpness(ranks):
+    """SAM with perturbation='per_rank' equals, to rounding, one process that perturbs each
+    half-batch along its own gradient and averages the two perturbed gradients (m = 12); and
+    it differs from the global perturbation."""
+    model = make_mlp(dtype=DTYPE)
+    params = list(model.parameters())
+    base = torch.optim.SGD(params, **SGD)
+    rho = 0.05
+    for t in range(STEPS):
+        x, y = batch(t, DTYPE, n=BATCH)
+        g_sam = [torch.zeros_like(p) for p in params]
+        for r in range(WORLD):
+            part = slice(r * BATCH // WORLD, (r + 1) * BATCH // WORLD)
+            grads = torch.autograd.grad(F.cross_entropy(model(x[part]), y[part]), params)
+            norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+            with torch.no_grad():
+                saved = [p.clone() for p in params]
+                for p, g in zip(params, grads):
+                    p.add_(g * (rho / (norm + 1e-12)))
+            grads_s = torch.autograd.grad(F.cross_entropy(model(x[part]), y[part]), params)
+            with torch.no_grad():
+                for p, w in zip(params, saved):
+                    p.copy_(w)
+            for acc, g in zip(g_sam, grads_s):
+                acc += g / WORLD
+        for p, g in zip(params, g_sam):
+            p.grad = g
+        base.step()
+    for p, q in zip(ranks[0]["sam-per-rank"]["params"], params):   # 1e-6: the SAM norm is fp32 (spec)
+        torch.testing.assert_close(p, q.detach(), rtol=1e-6, atol=1e-9)
+    assert any(not torch.allclose(p, q, rtol=1e-6, atol=0)
+               for p, q in zip(ranks[0]["sam-per-rank"]["params"], ranks[0]["sam"]["params"]))
+
+
+def test_per_rank_perturbation_needs_a_ddp_module():
+    model = make_mlp()
+    with pytest.raises(ValueError, match="perturbation='per_rank' needs model= the DistributedDataParallel"):
+        vx.VSAM(model.parameters(), torch.optim.SGD, lr=0.1, perturbation="per_rank", model=model)
+    with pytest.raises(ValueError, match="perturbation must be 'global' or 'per_rank'"):
+        vx.SAM(model.parameters(), torch.optim.SGD, lr=0.1, perturbation="local")
+    with pytest.raises(ValueError, match="not built for ESAM"):
+        vx.ESAM(model.parameters(), torch.optim.SGD, lr=0.1, perturbation="per_rank")

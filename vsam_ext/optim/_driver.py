@@ -26,6 +26,7 @@ from ..flat import FlatParams
 from . import _bn
 from ._amp import unscale_and_check
 from ._asam import resolve_adaptive
+from ._ddp import check_perturbation, mean_across_ranks
 from ._fused_base import fused_base_for
 
 __all__ = ["TwoPassOptimizer"]
@@ -59,12 +60,13 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                  adaptive=False, eta: Optional[float] = None, adaptive_params=None,
                  model: Optional[torch.nn.Module] = None,
                  backend: Optional[str] = None, stat_tensors: Optional[int] = None, fused_base: bool = True,
-                 **base_kwargs) -> None:
+                 perturbation: str = "global", **base_kwargs) -> None:
         rho = check_rho(rho)
         adaptive, eta, self._adaptive_filter = resolve_adaptive(adaptive, eta, adaptive_params)
         if "lr" in base_kwargs:
             _check_groups([{"lr": base_kwargs["lr"], "rho": rho, "adaptive": adaptive, "eta": eta}])
         self._bn_modules = _bn.batchnorm_modules(model)
+        self._per_rank_ddp = check_perturbation(perturbation, model)
         self.controller = controller
         self.base_optimizer: Optional[torch.optim.Optimizer] = None
         self.flat = FlatParams(stat_tensors)
@@ -140,7 +142,11 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                             f"(with a GradScaler: opt.step(closure, grad_scaler=scaler); scaler.update())")
         closure = torch.enable_grad()(closure)
         self.zero_grad()
-        loss = closure()
+        if self._per_rank_ddp is not None:
+            with self._per_rank_ddp.no_sync():
+                loss = closure()
+        else:
+            loss = closure()
         if not unscale_and_check(self, grad_scaler, first_pass=True):
             return self._skip(loss)
         snapshot = None
@@ -177,10 +183,16 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._inactive = self.flat.check()
         self._feed_stats(before_decide=True)
         if not self.controller.decide():
+            if self._per_rank_ddp is not None:         # the base step needs the averaged gradient
+                for b in self.flat.buffers:
+                    mean_across_ranks(self._per_rank_ddp, b.grad)
             self._phase = "cheap"
             self.flat.accepting = False
             return False
         self._perturb()
+        if self._per_rank_ddp is not None and self._keeps_grad:
+            for b in self.flat.buffers:                # the PSF / g_v from the averaged g
+                mean_across_ranks(self._per_rank_ddp, b.psf)
         self.zero_grad()
         self._bn_flags = _bn.freeze_running_stats(self._bn_modules)
         self._phase = "sam"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..controller import AESAMController
+from ._ddp import mean_across_ranks
 from ._driver import TwoPassOptimizer
 
 __all__ = ["AESAM"]
@@ -30,8 +31,10 @@ class AESAM(TwoPassOptimizer):
         if not before_decide:
             return []
         sumsq = self._grad_sumsq(scaled=False)
-        n = float(sumsq)                           # the one host read per step
         self._norm = sumsq.sqrt()
+        if self._per_rank_ddp is not None:         # rank-consistent decisions; the norm stays local
+            sumsq = mean_across_ranks(self._per_rank_ddp, sumsq.clone().reshape(1))[0]
+        n = float(sumsq)                           # the one host read per step
         self.controller.push_norm(n)
         return [n]
 

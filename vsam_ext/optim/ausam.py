@@ -46,6 +46,9 @@ class AUSAM(TwoPassOptimizer):
         self.sample_fraction = 1.0
         self._batch_ids: Optional[torch.Tensor] = None     # between begin() and record()
         self._pending = None                               # the last record(), applied lazily
+        if kwargs.get("perturbation", "global") != "global":
+            raise ValueError(f"perturbation='per_rank' is not built for {type(self).__name__} yet "
+                             f"(its data selection is per rank already)")
         super().__init__(params, base_optimizer, EveryStep(), rho=rho, **kwargs)
 
     @property

@@ -40,6 +40,9 @@ class ESAM(TwoPassOptimizer):
         self.sample_fraction = 1.0
         self.weight_fraction = 1.0
         self._swp_drawn = False
+        if kwargs.get("perturbation", "global") != "global":
+            raise ValueError(f"perturbation='per_rank' is not built for {type(self).__name__} yet "
+                             f"(its data selection is per rank already)")
         super().__init__(params, base_optimizer, EveryStep(), rho=rho, **kwargs)
 
     def _draw_dropped(self) -> List[torch.Tensor]:
