@@ -44,6 +44,8 @@ Spec readings taken where ALGORITHMS.md leaves room (marked "READING" in the cod
       num_batches_tracked are exactly as after the first (unperturbed) pass.
 * R12 The PSF is taken from the raw gradients (``g_s - g``) before the base optimizer
       adds weight decay; the SAM base step uses ``g_s`` itself.
+* R13 (the reliability issue, a rule on top of ALGORITHMS.md) A statistics pair with a
+      non-finite norm or ratio (``n_g == 0``) is not pushed into H, R, V at all.
 """
 
 from __future__ import annotations
@@ -307,10 +309,12 @@ class NaiveVSAM:
             ratio = float("nan") if n_psf == 0 else float("inf")
         else:
             ratio = n_psf / n_g
+        self.sam_steps += 1
+        if not (math.isfinite(n_psf) and math.isfinite(ratio)):
+            return loss     # READING R13: a non-finite pair never reaches H, R, V (issue "Reliability")
         self._push(self.H, n_psf)
         self._push(self.R, ratio)
         self._push(self.V, robust_var(self.H, self.w))
-        self.sam_steps += 1
         return loss
 
     def _reuse(self, closure):

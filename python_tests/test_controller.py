@@ -644,6 +644,8 @@ class RefVSAM:
 
     def push(self, psf, g):
         ratio = psf / g if g != 0 else NAN
+        if not (math.isfinite(psf) and math.isfinite(ratio)):
+            return                    # the reliability rule: kept out of the histories
         self.H = (self.H + [psf])[-self.K:]
         self.R = (self.R + [ratio])[-self.K:]
         self.V = (self.V + [_ref_var(self.H, self.w)])[-self.K:]
@@ -785,3 +787,16 @@ def test_edge_hyper_parameters_accepted(kw):
 def test_bad_period(period, exc):
     with pytest.raises(exc, match="period"):
         Periodic(period)
+
+
+def test_nonfinite_statistics_never_reach_the_histories():
+    c = VSAMController(window=10, slices=2, warmup_steps=0)
+    c.push_stats(2.0, 4.0)
+    for psf, g in [(NAN, 1.0), (INF, 1.0), (1.0, NAN), (1.0, 0.0), (0.0, 0.0), (1.0, INF * 0)]:
+        c.push_stats(psf, g)
+    assert list(c.H) == [2.0] and list(c.R) == [0.5] and len(c.V) == 1
+    assert c.stats()["nonfinite_stats"] == 6
+    state = c.state_dict()
+    fresh = VSAMController(window=10, slices=2, warmup_steps=0)
+    fresh.load_state_dict(state)
+    assert fresh.stats()["nonfinite_stats"] == 6

@@ -1,4 +1,5 @@
 """The two-pass driver: flat buffers, param groups, odd parameters, checkpoints, errors."""
+import math
 import io
 
 import pytest
@@ -446,3 +447,27 @@ def test_flush_stats_returns_every_sam_steps_norms_once():
     assert [p for p, _ in pairs] == hist[len(hist) - len(pairs):]
     assert all(p > 0 and g > 0 for p, g in pairs)
     assert opt.flush_stats() == []
+
+
+def test_nonfinite_gradient_default_propagates_and_keeps_the_controller_clean():
+    """Default (no GradScaler): like torch.optim, a NaN gradient reaches the weights it touches;
+    the vSAM controller's histories get no NaN (the statistics pair is dropped and counted)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = VSAM(model.parameters(), torch.optim.SGD, lr=0.1, warmup_steps=5, window=4, slices=1)
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+
+    def closure(poison=False):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if poison:
+            model[2].weight.grad[0, 0] = float("nan")
+        return loss
+    for _ in range(3):
+        opt.step(closure)
+    opt.step(lambda: closure(poison=True))
+    opt.flush_stats()
+    ctrl = opt.controller
+    assert ctrl.stats()["nonfinite_stats"] >= 1
+    assert all(math.isfinite(v) for h in (ctrl.H, ctrl.R, ctrl.V) for v in h)
+    assert torch.isnan(model[2].weight).any()          # propagated, as torch.optim.SGD would

@@ -171,6 +171,7 @@ class VSAMController:
         self.H: Deque[float] = deque(maxlen=self.window)   # PSF norms
         self.R: Deque[float] = deque(maxlen=self.window)   # PSF norm / gradient norm
         self.V: Deque[float] = deque(maxlen=self.window)   # robust variance of H
+        self.nonfinite_stats = 0                           # statistics pairs kept out of H, R, V
 
     @property
     def max_quota(self) -> int:
@@ -204,11 +205,17 @@ class VSAMController:
         return sample
 
     def push_stats(self, psf_norm: float, grad_norm: float) -> None:
-        """Record one SAM step's norms over the last L tensors (Eq. 11)."""
+        """Record one SAM step's norms over the last L tensors (Eq. 11).
+
+        A pair with a non-finite norm, or a zero gradient norm (no ratio), never reaches the
+        histories: it is dropped and counted in ``nonfinite_stats``. (ALGORITHMS.md keeps such
+        values in the histories and skips them in the rates; keeping them out altogether is
+        the library's reliability rule, so one bad step cannot occupy window slots.)"""
         psf_norm, grad_norm = float(psf_norm), float(grad_norm)
-        # A zero gradient norm gives no ratio: NaN, which the change rate skips. (An infinite one
-        # gives 0, as the spec's division does; its PSF norm is then non-finite in practice.)
         ratio = psf_norm / grad_norm if grad_norm != 0.0 else math.nan
+        if not (math.isfinite(psf_norm) and math.isfinite(ratio)):
+            self.nonfinite_stats += 1
+            return
         self.H.append(psf_norm)
         self.R.append(ratio)
         self.V.append(robust_var(self.H, self.slices))
@@ -217,7 +224,7 @@ class VSAMController:
         return {"steps": self.t, "sam_steps": self.sam_steps, "last_step_sam": self.last_step_sam,
                 "quota": self.s, "probability": self.p, "window_sam_steps": self.q,
                 "change_ratio": self.c_r, "change_variance": self.c_v,
-                "in_warmup": self.t < self.warmup_steps}
+                "in_warmup": self.t < self.warmup_steps, "nonfinite_stats": self.nonfinite_stats}
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()
@@ -225,7 +232,7 @@ class VSAMController:
                 "c_r": self.c_r, "c_v": self.c_v, "sam_steps": self.sam_steps,
                 "last_step_sam": self.last_step_sam,
                 "H": list(self.H), "R": list(self.R), "V": list(self.V),
-                "rng": [version, list(internal), gauss]}
+                "nonfinite_stats": self.nonfinite_stats, "rng": [version, list(internal), gauss]}
 
     def load_state_dict(self, state: dict) -> None:
         if int(state.get("window", self.window)) != self.window:
@@ -236,6 +243,7 @@ class VSAMController:
         for key in ("s", "p", "c_r", "c_v"):
             setattr(self, key, float(state[key]))
         self.last_step_sam = bool(state["last_step_sam"])
+        self.nonfinite_stats = int(state.get("nonfinite_stats", 0))
         for key in ("H", "R", "V"):
             getattr(self, key).clear()
             getattr(self, key).extend(float(v) for v in state[key])
