@@ -161,7 +161,7 @@ def test_per_rank_perturbation_needs_a_ddp_module():
     model = make_mlp()
     with pytest.raises(ValueError, match="perturbation='per_rank' needs model= the DistributedDataParallel"):
         vx.VSAM(model.parameters(), torch.optim.SGD, lr=0.1, perturbation="per_rank", model=model)
-    with pytest.raises(ValueError, match="perturbation must be 'global' or 'per_rank'"):
+    with pytest.raises(ValueError, match="perturbation must be one of 'global', 'per_rank'"):
         vx.SAM(model.parameters(), torch.optim.SGD, lr=0.1, perturbation="local")
     with pytest.raises(ValueError, match="not built for ESAM"):
         vx.ESAM(model.parameters(), torch.optim.SGD, lr=0.1, perturbation="per_rank")

@@ -20,28 +20,13 @@ import random
 from collections import deque
 from typing import Deque, Iterable, List, Optional, Sequence
 
+from .arguments import check, check_float, check_int
+
 __all__ = ["EveryStep", "Periodic", "VSAMController", "AESAMController", "robust_var", "mean_change_rate"]
 
 
-def _check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {allowed}, got {value}")
-    return value
-
-
-def _check_float(name: str, value, low: float, high: float, low_open=False, high_open=False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    ok = math.isfinite(value) or (high == math.inf and value == math.inf and not high_open)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value}")
-    return value
+# The argument checks live in one table (vsam_ext.arguments); the old names stay for imports.
+_check_int, _check_float = check_int, check_float
 
 
 def robust_var(values: Iterable[float], slices: int) -> float:
@@ -117,7 +102,7 @@ class Periodic(EveryStep):
 
     def __init__(self, period: int) -> None:
         super().__init__()
-        self.period = _check_int("period", period, 1)
+        self.period = check("PeriodicSAM", "period", period)
 
     def _rule(self) -> bool:
         return self.steps % self.period == 0
@@ -140,24 +125,15 @@ class VSAMController:
     def __init__(self, window: int = 50, slices: int = 5, max_rate: float = 0.8,
                  lambdas: Sequence[float] = (0.13, 0.13), warmup_steps: int = 1173,
                  seed: int = 0) -> None:
-        self.window = _check_int("window", window, 2)
-        self.slices = _check_int("slices", slices, 1, self.window)
-        self.max_rate = _check_float("max_rate", max_rate, 0.0, 1.0, low_open=True)
+        self.window = check("VSAM", "window", window)
+        self.slices = check("VSAM", "slices", slices, window=self.window)
+        self.max_rate = check("VSAM", "max_rate", max_rate)
         if math.floor(self.window * self.max_rate) < 1:
             raise ValueError(f"max_rate: window * max_rate must be >= 1 so that a window can hold one "
                              f"SAM step, got window={window}, max_rate={max_rate}")
-        try:
-            lam = tuple(lambdas)
-        except TypeError:
-            raise TypeError(f"lambdas must be a pair of numbers, got {type(lambdas).__name__}") from None
-        if len(lam) != 2:
-            raise ValueError(f"lambdas must be a pair (lambda_ratio, lambda_variance), got {len(lam)} values")
-        self.lambdas = (_check_float("lambdas[0]", lam[0], -math.inf, math.inf, True, True),
-                        _check_float("lambdas[1]", lam[1], -math.inf, math.inf, True, True))
-        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.seed = seed
+        self.lambdas = check("VSAM", "lambdas", lambdas)
+        self.warmup_steps = check("VSAM", "warmup_steps", warmup_steps)
+        self.seed = check("VSAM", "seed", seed)
         self.rng = random.Random(seed)
         self.t = 0            # steps taken
         self.j = 0            # post-warm-up steps
@@ -261,11 +237,9 @@ class AESAMController(EveryStep):
 
     def __init__(self, total_steps: int, delta: float = 0.9, lambdas: Sequence[float] = (-1.0, 1.0)) -> None:
         super().__init__()
-        self.total_steps = _check_int("total_steps", total_steps, 1)
-        self.delta = _check_float("delta", delta, 0.0, 1.0, high_open=True)
-        if isinstance(lambdas, (str, bytes)) or not hasattr(lambdas, "__len__") or len(lambdas) != 2:
-            raise ValueError(f"lambdas must be a pair (lambda1, lambda2), got {lambdas!r}")
-        self.lambdas = tuple(_check_float(f"lambdas[{i}]", v, -math.inf, math.inf, True, True) for i, v in enumerate(lambdas))
+        self.total_steps = check("AESAM", "total_steps", total_steps)
+        self.delta = check("AESAM", "delta", delta)
+        self.lambdas = check("AESAM", "lambdas", lambdas)
         self.mu = 0.0
         self.var = 0.0
         self.skipped = 0           # non-finite norms kept out of the moments

@@ -10,10 +10,11 @@ override the flavour's choice.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Tuple
 
 import torch
+
+from ..arguments import check
 
 __all__ = ["resolve_adaptive", "FLAVOURS"]
 
@@ -24,17 +25,9 @@ _FILTERS = {"weights": lambda p: p.dim() >= 2, "all": lambda p: True}
 
 def resolve_adaptive(adaptive, eta, adaptive_params) -> Tuple[bool, float, Callable[[torch.Tensor], bool]]:
     """``(enabled, eta, filter)`` from the constructor arguments; clear errors for bad ones."""
-    if adaptive is True:
-        adaptive = "official"
-    if adaptive is False:
-        flavour = FLAVOURS["official"]
-    elif isinstance(adaptive, str) and adaptive in FLAVOURS:
-        flavour = FLAVOURS[adaptive]
-    else:
-        raise ValueError(f"adaptive must be False, True, 'official' or 'davda54', got {adaptive!r}")
-    eta = flavour[0] if eta is None else eta
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+    check("SAM", "adaptive", adaptive)
+    flavour = FLAVOURS["official" if adaptive in (False, True) else adaptive]
+    eta = flavour[0] if check("SAM", "eta", eta) is None else eta
     chosen = flavour[1] if adaptive_params is None else adaptive_params
     if callable(chosen):
         keep: Optional[Callable] = chosen

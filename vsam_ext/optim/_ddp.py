@@ -15,15 +15,15 @@ from typing import Optional
 
 import torch
 
+from ..arguments import check
+
 __all__ = ["check_perturbation", "mean_across_ranks"]
 
 
 def check_perturbation(perturbation: str, model) -> Optional[torch.nn.Module]:
     """The DDP module when ``perturbation == "per_rank"``, else None; clear errors."""
-    if perturbation == "global":
+    if check("SAM", "perturbation", perturbation) == "global":
         return None
-    if perturbation != "per_rank":
-        raise ValueError(f"perturbation must be 'global' or 'per_rank', got {perturbation!r}")
     if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
         raise ValueError("perturbation='per_rank' needs model= the DistributedDataParallel module (its no_sync() "
                          f"runs the first pass), got {type(model).__name__}")

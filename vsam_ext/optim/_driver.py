@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .. import ops
+from ..arguments import check
 from ..flat import FlatParams
 from . import _bn
 from ._amp import unscale_and_check
@@ -36,9 +37,7 @@ _FORMAT = 1
 
 
 def check_rho(rho) -> float:
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
-        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
-    return float(rho)
+    return check("SAM", "rho", rho)
 
 
 def _check_groups(groups) -> None:
@@ -62,6 +61,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                  backend: Optional[str] = None, stat_tensors: Optional[int] = None, fused_base: bool = True,
                  perturbation: str = "global", **base_kwargs) -> None:
         rho = check_rho(rho)
+        check("SAM", "fused_base", fused_base)
         adaptive, eta, self._adaptive_filter = resolve_adaptive(adaptive, eta, adaptive_params)
         if "lr" in base_kwargs:
             _check_groups([{"lr": base_kwargs["lr"], "rho": rho, "adaptive": adaptive, "eta": eta}])

@@ -6,7 +6,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ..controller import EveryStep, _check_float, _check_int
+from ..arguments import check
+from ..controller import EveryStep
 from ..importance import ImportanceTable
 from ._amp import unscale_and_check
 from ._driver import TwoPassOptimizer
@@ -36,17 +37,17 @@ class AUSAM(TwoPassOptimizer):
 
     def __init__(self, params, base_optimizer, num_samples: int, alpha: float = 0.5, f_min: float = 0.1,
                  f_max: float = 0.5, ramp_epochs: int = 30, rho: float = 0.05, seed: int = 0, **kwargs) -> None:
-        self._table = ImportanceTable(_check_int("num_samples", num_samples, 1))
-        self.alpha = _check_float("alpha", alpha, 0.0, 1.0, low_open=True)
-        self.f_min = _check_float("f_min", f_min, 0.0, 1.0, low_open=True)
-        self.f_max = _check_float("f_max", f_max, self.f_min, 1.0)
-        self.ramp_epochs = _check_int("ramp_epochs", ramp_epochs, 0)
-        self._generator = torch.Generator().manual_seed(_check_int("seed", seed, 0))
+        self._table = ImportanceTable(check("AUSAM", "num_samples", num_samples))
+        self.alpha = check("AUSAM", "alpha", alpha)
+        self.f_min = check("AUSAM", "f_min", f_min)
+        self.f_max = check("AUSAM", "f_max", f_max, f_min=self.f_min)
+        self.ramp_epochs = check("AUSAM", "ramp_epochs", ramp_epochs)
+        self._generator = torch.Generator().manual_seed(check("AUSAM", "seed", seed))
         self.samples_seen = 0
         self.sample_fraction = 1.0
         self._batch_ids: Optional[torch.Tensor] = None     # between begin() and record()
         self._pending = None                               # the last record(), applied lazily
-        if kwargs.get("perturbation", "global") != "global":
+        if kwargs.get("perturbation") == "per_rank":
             raise ValueError(f"perturbation='per_rank' is not built for {type(self).__name__} yet "
                              f"(its data selection is per rank already)")
         super().__init__(params, base_optimizer, EveryStep(), rho=rho, **kwargs)

@@ -7,7 +7,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-from ..controller import EveryStep, _check_float, _check_int
+from ..arguments import check
+from ..controller import EveryStep
 from ._amp import unscale_and_check
 from ._driver import TwoPassOptimizer
 from ._per_sample import per_sample_losses
@@ -34,13 +35,13 @@ class ESAM(TwoPassOptimizer):
 
     def __init__(self, params, base_optimizer, beta: float = 0.5, gamma: float = 0.5, rho: float = 0.05,
                  seed: int = 0, **kwargs) -> None:
-        self.beta = _check_float("beta", beta, 0.0, 1.0, low_open=True)
-        self.gamma = _check_float("gamma", gamma, 0.0, 1.0, low_open=True)
-        self._generator = torch.Generator().manual_seed(_check_int("seed", seed, 0))
+        self.beta = check("ESAM", "beta", beta)
+        self.gamma = check("ESAM", "gamma", gamma)
+        self._generator = torch.Generator().manual_seed(check("ESAM", "seed", seed))
         self.sample_fraction = 1.0
         self.weight_fraction = 1.0
         self._swp_drawn = False
-        if kwargs.get("perturbation", "global") != "global":
+        if kwargs.get("perturbation") == "per_rank":
             raise ValueError(f"perturbation='per_rank' is not built for {type(self).__name__} yet "
                              f"(its data selection is per rank already)")
         super().__init__(params, base_optimizer, EveryStep(), rho=rho, **kwargs)

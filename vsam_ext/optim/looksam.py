@@ -2,12 +2,12 @@
 gets back the part of the last SAM gradient orthogonal to its own gradient (ALGORITHMS.md)."""
 from __future__ import annotations
 
-import math
 from typing import List, Optional
 
 import torch
 
-from ..controller import Periodic, _check_float
+from ..arguments import check
+from ..controller import Periodic
 from ._driver import EPS, TwoPassOptimizer
 
 __all__ = ["LookSAM"]
@@ -31,7 +31,8 @@ class LookSAM(TwoPassOptimizer):
 
     def __init__(self, params, base_optimizer, k: int = 5, alpha: float = 0.7, rho: float = 0.05,
                  **kwargs) -> None:
-        self.alpha = _check_float("alpha", alpha, 0.0, math.inf)
+        self.alpha = check("LookSAM", "alpha", alpha)
+        k = check("LookSAM", "k", k)
         self._gv_sq: List[Optional[torch.Tensor]] = []    # per buffer: per-tensor ||g_v||^2 (fp32)
         self._ones: List[Optional[torch.Tensor]] = []
         super().__init__(params, base_optimizer, Periodic(k), rho=rho, **kwargs)

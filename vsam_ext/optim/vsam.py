@@ -7,7 +7,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from ..controller import VSAMController, _check_float, _check_int
+from ..arguments import check
+from ..controller import VSAMController
 from ..stats_queue import DeferredStats
 from ._driver import TwoPassOptimizer
 
@@ -26,9 +27,9 @@ class VSAM(TwoPassOptimizer):
                  lambdas: Sequence[float] = (0.13, 0.13), reuse_decay: float = 0.7, max_reuse: int = 6,
                  stat_tensors: int = 10, warmup_steps: int = 1173, seed: int = 0,
                  model: Optional[torch.nn.Module] = None, backend: Optional[str] = None, **base_kwargs) -> None:
-        self.reuse_decay = _check_float("reuse_decay", reuse_decay, 0.0, 1.0, high_open=True)
-        self.max_reuse = _check_int("max_reuse", max_reuse, 0)
-        stat_tensors = _check_int("stat_tensors", stat_tensors, 1)
+        self.reuse_decay = check("VSAM", "reuse_decay", reuse_decay)
+        self.max_reuse = check("VSAM", "max_reuse", max_reuse)
+        stat_tensors = check("VSAM", "stat_tensors", stat_tensors)
         controller = VSAMController(window=window, slices=slices, max_rate=max_rate, lambdas=lambdas,
                                     warmup_steps=warmup_steps, seed=seed)
         self._pending = DeferredStats(controller.window)
