@@ -16,7 +16,27 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["FlatBuffer", "FlatParams"]
+__all__ = ["FlatBuffer", "FlatParams", "segment_view"]
+
+
+def _dense_permutation(t: torch.Tensor) -> bool:
+    """Whether ``t``'s strides lay its elements out densely in some order (contiguous,
+    channels_last, a transpose, ...): then a flat segment can hold it with the same strides."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def segment_view(flat: torch.Tensor, start: int, like: torch.Tensor) -> torch.Tensor:
+    """``flat[start:start + like.numel()]`` seen with ``like``'s shape and, when they are dense,
+    its strides: a channels_last (or transposed) parameter keeps its memory format. The flat
+    ops are elementwise over memory and the per-tensor sums do not depend on the order."""
+    if like.numel() > 1 and not like.is_contiguous() and _dense_permutation(like):
+        return flat.as_strided(like.shape, like.stride(), flat.storage_offset() + start)
+    return flat[start:start + like.numel()].view(like.shape)
 
 
 class FlatBuffer:
@@ -40,14 +60,14 @@ class FlatBuffer:
         with torch.no_grad():
             for p, start in zip(self.params, self.offsets):
                 n = p.numel()
-                self.param[start:start + n].copy_(p.detach().reshape(-1))
+                segment_view(self.param, start, p).copy_(p.detach())
                 if p.grad is not None:
                     if p.grad.is_sparse:
                         raise TypeError("params: sparse gradients are not supported "
                                         f"(a parameter of shape {tuple(p.shape)} has one)")
-                    self.grad[start:start + n].copy_(p.grad.reshape(-1))
-                p.data = self.param[start:start + n].view(p.shape)
-                view = self.grad[start:start + n].view(p.shape)
+                    segment_view(self.grad, start, p).copy_(p.grad)
+                p.data = segment_view(self.param, start, p)
+                view = segment_view(self.grad, start, p)
                 p.grad = view
                 self.grad_views.append(view)
         self.data_ptrs = [p.data_ptr() for p in self.params]
@@ -176,8 +196,9 @@ class FlatParams:
             return []
         return [p for p, got in zip(self.managed, self._received) if not got]
 
-    def state_layout(self) -> List[tuple]:
-        return [(b.group_index, str(b.dtype), b.numel) for b in self.buffers]
+    def state_layout(self) -> List[list]:
+        """Per buffer: [group, dtype, numel, the shapes of its tensors] (plain lists)."""
+        return [[b.group_index, str(b.dtype), b.numel, [list(p.shape) for p in b.params]] for b in self.buffers]
 
 
 def _remove_hooks(handles) -> None:

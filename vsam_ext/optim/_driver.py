@@ -89,6 +89,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             raise TypeError("base_optimizer must be a torch.optim.Optimizer class or an instance built on "
                             f"the same parameters, got {base_optimizer!r}")
         self.param_groups = self.base_optimizer.param_groups
+        for group in self.param_groups:          # an instance built on a list with repeats
+            group["params"] = _unique(group["params"])
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
         _check_groups(self.param_groups)
@@ -365,10 +367,10 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         if ours["optimizer"] != type(self).__name__:
             raise ValueError(f"state_dict: checkpoint is of {ours['optimizer']}, this optimizer is "
                              f"{type(self).__name__}")
-        layout = [tuple(x) for x in ours["layout"]]
+        layout = _plain(ours["layout"])
         if layout != self.flat.state_layout():
-            raise ValueError(f"state_dict: parameter layout {layout} (group, dtype, numel per buffer) "
-                             f"does not match this optimizer's {self.flat.state_layout()}")
+            raise ValueError(f"state_dict: parameter layout {layout} (group, dtype, numel, tensor shapes per "
+                             f"buffer) does not match this optimizer's {self.flat.state_layout()}")
         self._feed_stats()                   # drop nothing queued into the state we replace
         self.base_optimizer.load_state_dict(state_dict["base"])
         self.param_groups = self.base_optimizer.param_groups
@@ -383,14 +385,27 @@ class TwoPassOptimizer(torch.optim.Optimizer):
 def _param_list(params) -> list:
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be an iterable of tensors or of param-group dicts, got a single tensor")
-    params = [dict(x, params=_tensor_list(x.get("params"))) if isinstance(x, dict) else x for x in params]
+    params = list(params)
     if not params:
         raise ValueError("params: got an empty parameter list")
-    return params
+    if all(isinstance(x, dict) for x in params):
+        return [dict(x, params=_tensor_list(x.get("params"))) for x in params]
+    return _unique(params)
 
 
 def _tensor_list(params) -> list:
-    return [params] if isinstance(params, torch.Tensor) else list(params or [])
+    return _unique([params] if isinstance(params, torch.Tensor) else list(params or []))
+
+
+def _unique(tensors: list) -> list:
+    """A tensor listed twice in a group is one parameter (stepped once), first place kept."""
+    seen = set()
+    return [p for p in tensors if not (id(p) in seen or seen.add(id(p)))]
+
+
+def _plain(obj):
+    """Tuples to lists, recursively: a layout as saved compares with one as built."""
+    return [_plain(x) for x in obj] if isinstance(obj, (list, tuple)) else obj
 
 
 def _check_same_params(params: list, base: torch.optim.Optimizer) -> None:

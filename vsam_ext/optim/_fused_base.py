@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-from ..flat import FlatBuffer
+from ..flat import FlatBuffer, segment_view
 
 __all__ = ["fused_base_for"]
 
@@ -68,7 +68,7 @@ class _FusedBase:
             return True
         for p, state, start in zip(buf.params, states, buf.offsets):
             for k in self.keys:
-                view = flat[k][start:start + p.numel()].view(p.shape)
+                view = segment_view(flat[k], start, p)
                 if state[k] is not view:
                     view.copy_(state[k])
                     state[k] = view
@@ -80,7 +80,7 @@ class _FusedBase:
         for p, start in zip(buf.params, buf.offsets):
             state = self.base.state[p]
             for k in self.keys:
-                state[k] = flat[k][start:start + p.numel()].view(p.shape)
+                state[k] = segment_view(flat[k], start, p)
 
     def _fresh(self, buf: FlatBuffer) -> None:
         pass

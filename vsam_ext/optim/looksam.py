@@ -33,7 +33,7 @@ class LookSAM(TwoPassOptimizer):
                  **kwargs) -> None:
         self.alpha = check("LookSAM", "alpha", alpha)
         k = check("LookSAM", "k", k)
-        self._gv_sq: List[Optional[torch.Tensor]] = []    # per buffer: per-tensor ||g_v||^2 (fp32)
+        self._inv_gv: List[Optional[torch.Tensor]] = []   # per buffer: per tensor 1/(||g_v|| + eps), or 0
         self._ones: List[Optional[torch.Tensor]] = []
         super().__init__(params, base_optimizer, Periodic(k), rho=rho, **kwargs)
 
@@ -53,40 +53,46 @@ class LookSAM(TwoPassOptimizer):
         return self._ones[i]
 
     def _after_second_pass(self) -> None:
-        """``psf`` holds ``g``, ``grad`` holds ``g_s``: ``psf <- g_v`` per tensor."""
-        self._gv_sq = []
+        """``psf`` holds ``g``, ``grad`` holds ``g_s``: ``psf <- g_v`` per tensor, and per tensor
+        ``1 / (||g_v|| + eps)`` for the cheap steps (the spec's
+        ``||g_s|| cos(g, g_s) / ||g||`` is written ``<g, g_s> / ||g||^2``: the same number, with
+        no eps left in it to leave a residue where g_v is exactly 0). A g_v within rounding of
+        zero (``||g_v|| <= 4 ulp * ||g_s||`` of the buffer's dtype: e.g. any 1-element tensor)
+        has no direction; those tensors get no term on the cheap steps."""
+        self._inv_gv = []
         for i, b in enumerate(self.flat.buffers):
             bounds = b.bounds()
             gram = self._ops.segment_gram(b.psf, b.grad, bounds)       # (|g|^2, <g, g_s>, |g_s|^2)
-            g_norm, gs_norm = gram[:, 0].sqrt(), gram[:, 2].sqrt()
-            cos = gram[:, 1] / (g_norm * gs_norm + EPS)
-            coeff = gs_norm * cos / (g_norm + EPS)
-            self._gv_sq.append(self._ops.segment_axpby(b.psf, b.grad, -coeff.to(_maths_dtype(b)),
-                                                       self._ones_for(i, b), bounds))
+            g_sq = gram[:, 0]
+            coeff = torch.where(g_sq > 0, gram[:, 1] / torch.where(g_sq > 0, g_sq, 1.0), 0.0)
+            gv_sq = self._ops.segment_axpby(b.psf, b.grad, -coeff.to(_maths_dtype(b)), self._ones_for(i, b), bounds)
+            noise = 4 * torch.finfo(b.dtype).eps * gram[:, 2].sqrt()
+            gv_norm = gv_sq.to(gram.dtype).sqrt()
+            self._inv_gv.append(torch.where(gv_norm > noise, 1.0 / (gv_norm + EPS), 0.0))
 
     def _adjust_cheap_grad(self) -> None:
-        for i, (b, gv_sq) in enumerate(zip(self.flat.buffers, self._gv_sq)):
-            if gv_sq is None:
+        for i, (b, inv_gv) in enumerate(zip(self.flat.buffers, self._inv_gv)):
+            if inv_gv is None:
                 continue
             bounds = b.bounds()
             g_norm = self._ops.segment_sumsq(b.grad, bounds).sqrt()
-            coeff = self.alpha * g_norm / (gv_sq.sqrt() + EPS)
+            coeff = self.alpha * g_norm.to(inv_gv.dtype) * inv_gv
             self._ops.segment_axpby(b.grad, b.psf, self._ones_for(i, b), coeff.to(_maths_dtype(b)), bounds)
 
     def _on_abort(self) -> None:
-        self._gv_sq = []          # the g_v buffers hold this step's g now
+        self._inv_gv = []          # the g_v buffers hold this step's g now
 
     def _extra_state(self) -> dict:
-        return {"gv": [b.psf if gv is not None else None for b, gv in zip(self.flat.buffers, self._gv_sq)],
-                "gv_sq": list(self._gv_sq)}
+        return {"gv": [b.psf if inv is not None else None for b, inv in zip(self.flat.buffers, self._inv_gv)],
+                "inv_gv": list(self._inv_gv)}
 
     def _load_extra_state(self, state: dict) -> None:
-        self._gv_sq = []
-        for b, gv, gv_sq in zip(self.flat.buffers, state["gv"], state["gv_sq"]):
+        self._inv_gv = []
+        for b, gv, inv in zip(self.flat.buffers, state["gv"], state["inv_gv"]):
             if gv is None:
-                self._gv_sq.append(None)
+                self._inv_gv.append(None)
                 continue
             if b.psf is None:
                 b.psf = b.new_buffer()
             b.psf.copy_(gv)
-            self._gv_sq.append(gv_sq.to(device=b.device, dtype=torch.float32))
+            self._inv_gv.append(inv.to(device=b.device))
