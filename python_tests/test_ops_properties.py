@@ -5,11 +5,14 @@ draws a case: sizes (0, sizes around the backends' block/chunk sizes, up to a fe
 and then past the CPU chunk and the interpreter's block), segment layouts (gaps before/after the
 segments, empty segments, no segment at all, another layout of the same buffer on a later call),
 data (scale, exact zeros), hyper-parameters, and several consecutive calls with the backend's
-state carried from call to call (for the fused steps, each call in a drawn mode: plain, reuse,
-restore, restore + PSF). Every case runs in each of fp32, fp64, bf16 and fp16. After every call:
+state carried from call to call (the fused steps go through all four modes in every case, in a
+drawn order: plain, reuse, restore, restore + PSF). Every case runs in each of fp32, fp64, bf16
+and fp16. After every call:
 
 * results within the tolerances of test_ops.py (fp32 maths: a few ulps; 16-bit results: one
   rounding; fp64: tight), the returned sums/statistics to 1e-5 relative (fp64 Gram: 1e-12);
+  16-bit results also bit-equal to the reference's but for a few (at most 2 + 1%): the
+  tolerance alone would accept a truncating or double-rounding store;
 * what must be bit-exact (backup copies, grad_keep copies, restored weights, elements outside
   every segment) compared with ``torch.equal``;
 * every input that must not be written (grad, backup, x, weight, alpha/beta, scale, psf outside
@@ -30,6 +33,10 @@ Under the Triton interpreter (no GPU) the Triton backend's block is only as wide
 needs, so one program would cover most cases; there the block is also drawn (16 to 1024
 elements, ``triton_backend.BLOCK`` patched for the case) so that the multi-program paths (masks,
 partial sums, the per-segment block tables) run as they do on a GPU.
+
+Drawn hyper-parameters are never tiny (below 1e-6 they become 0), which keeps 16-bit results out
+of the subnormal range; test_16bit_subnormals covers that range on its own (the Triton
+interpreter's bf16 casts get it wrong: expected to fail there).
 """
 import contextlib
 
@@ -50,7 +57,15 @@ BIG_SIZES = [32767, 32768, 32769, 65535, 65536, 65537]
 SIZES = st.one_of(st.integers(0, 3000), st.sampled_from(EDGE_SIZES + BIG_SIZES))
 SEG_LENGTHS = st.one_of(st.integers(0, 700), st.sampled_from([0, 0, 0, 1, 2, 15, 16, 17, 255, 256, 257,
                                                               1023, 1024, 1025, 2047, 2048, 2049]))
-COEFFS = st.sampled_from([0.0, 1.0, -1.0, 0.5]) | st.floats(-3.0, 3.0, allow_subnormal=False)
+
+
+def _no_tiny(c):
+    # The properties keep 16-bit results out of the fp32 subnormal range (|x| < 2^-126): the
+    # Triton interpreter's fp32 <-> bf16 casts get those wrong; test_16bit_subnormals has them.
+    return c if abs(c) >= 1e-6 else 0.0
+
+
+COEFFS = st.sampled_from([0.0, 1.0, -1.0, 0.5]) | st.floats(-3.0, 3.0).map(_no_tiny)
 
 # Cases per (op, backend), each in the four dtypes; derandomized: CI runs the same cases each time.
 _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
@@ -83,9 +98,16 @@ def _tol(dtype):
 def assert_close(got, want, msg):
     rtol, atol = _tol(want.dtype)
     assert got.dtype == want.dtype and got.shape == want.shape, msg
+    got, want = got.cpu(), want.cpu()
     # equal_nan: an overflow to inf (then inf * 0 on the next call) is part of the semantics too
-    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=rtol, atol=atol, equal_nan=True,
-                               msg=lambda m: f"{msg}: {m}")
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{msg}: {m}")
+    if want.dtype in (torch.bfloat16, torch.float16):
+        # One rounding to nearest of the same fp32 value: the 16-bit results are the reference's
+        # bits except where the fp32 values differ by an ulp across a rounding boundary, which is
+        # rare. The tolerance alone (one 16-bit ulp) would let a truncating or double-rounding
+        # store through: those change a large fraction of the elements.
+        differ = int((~((got == want) | (got.isnan() & want.isnan()))).sum())
+        assert differ <= 2 + want.numel() // 100, f"{msg}: {differ} of {want.numel()} 16-bit results differ"
 
 
 def assert_sums_close(got, want, msg):
@@ -123,7 +145,7 @@ class Buf:
     """One buffer on the backend's device (``dev``) and its reference copy (``ref``, on the CPU)."""
 
     def __init__(self, cpu_tensor, device):
-        self.dev = cpu_tensor.to(device)
+        self.dev = cpu_tensor.to(device, copy=True)
         self.ref = cpu_tensor.clone()
 
     def sync(self):
@@ -249,13 +271,13 @@ def test_segment_sumsq_property(backend, data):
     calls = data.draw(st.integers(1, 3), label="calls")
     layouts, n = _draw_layouts(data, calls)
     # per call: no weight (default arguments), or a weight with eta (ASAM's T g)
-    etas = data.draw(st.lists(st.none() | st.sampled_from([0.0, 0.01, 0.5]) | st.floats(0.0, 2.0),
+    etas = data.draw(st.lists(st.none() | st.sampled_from([0.0, 0.01, 0.5]) | st.floats(0.0, 2.0).map(_no_tiny),
                               min_size=calls, max_size=calls), label="eta per call (None: no weight)")
     block = _draw_block(data, backend, n)
     for dtype in DTYPES:
         x0 = _data(n, dtype, seed, scale, zeros=zeros)
         w0 = _data(n, dtype, seed + 1, scale)
-        x, w = x0.to(dev), w0.to(dev)
+        x, w = x0.to(dev, copy=True), w0.to(dev, copy=True)
         for call, (bounds, eta) in enumerate(zip(layouts, etas)):
             with _block(backend, block):
                 if eta is None:
@@ -285,7 +307,7 @@ def test_segment_gram_property(backend, data):
         b0 = _data(n, dtype, seed + 1, scale)
         if correlated:
             b0 = (a0.double() * 0.7 + b0.double() * 0.1).to(dtype)
-        a, b = a0.to(dev), b0.to(dev)
+        a, b = a0.to(dev, copy=True), b0.to(dev, copy=True)
         wide = dtype == torch.float64
         for call, bounds in enumerate(layouts):
             with _block(backend, block):
@@ -325,7 +347,7 @@ def test_segment_axpby_property(backend, data):
             if call and new_x:
                 x = Buf(_data(n, dtype, seed + 10 + call, scale), dev)
             alpha, beta = torch.tensor(alpha, dtype=_maths(dtype)), torch.tensor(beta, dtype=_maths(dtype))
-            alpha_dev, beta_dev = alpha.to(dev), beta.to(dev)
+            alpha_dev, beta_dev = alpha.to(dev, copy=True), beta.to(dev, copy=True)
             y.sync()
             y0, x0 = y.snapshot(), x.snapshot()
             with _block(backend, block):
@@ -352,8 +374,10 @@ def test_perturb_property(backend, data):
     seed, scale, zeros = _draw_data(data)
     n = _draw_n(data)
     adaptive = data.draw(st.booleans(), label="adaptive")
-    eta = data.draw(st.sampled_from([0.0, 0.01, 1.0]) | st.floats(0.0, 2.0), label="eta") if adaptive else 0.0
-    calls = data.draw(st.lists(st.tuples(st.sampled_from([0.0, 0.05]) | st.floats(-1.0, 1.0, allow_subnormal=False),
+    eta = 0.0
+    if adaptive:
+        eta = data.draw(st.sampled_from([0.0, 0.01, 1.0]) | st.floats(0.0, 2.0).map(_no_tiny), label="eta")
+    calls = data.draw(st.lists(st.tuples(st.sampled_from([0.0, 0.05]) | st.floats(-1.0, 1.0).map(_no_tiny),
                                          st.booleans()), min_size=1, max_size=3),
                       label="(scale, grad_keep given) per call")
     defaults = not adaptive and data.draw(st.booleans(), label="default arguments when possible")
@@ -367,7 +391,7 @@ def test_perturb_property(backend, data):
             msg = _name(dtype, call)
             g = Buf(_data(n, dtype, seed + 1 + call, scale, zeros=zeros), dev)
             sc = torch.tensor(s, dtype=torch.float32)
-            sc_dev = sc.to(dev)
+            sc_dev = sc.to(dev, copy=True)
             p.sync()
             p0, g0, keep0 = p.snapshot(), g.snapshot(), keep.snapshot()
             with _block(backend, block):
@@ -474,7 +498,7 @@ def _step_inputs(n, dtype, dev, seed, scale, zeros, p, mode, nan_weights):
         psf = Buf(_data(n, dtype, seed + 1, scale, zeros=zeros), dev)
     if mode in ("restore", "restore_psf"):
         backup = Buf(p.snapshot(), dev)
-        p.dev.copy_(_data(n, dtype, seed + 2, scale, fill=float("nan") if nan_weights else None).to(dev))
+        p.dev.copy_(_data(n, dtype, seed + 2, scale, fill=float("nan") if nan_weights else None).to(dev, copy=True))
     return g, psf, backup
 
 
@@ -501,9 +525,10 @@ def test_sgd_step_property(backend, data):
     seed, scale, zeros = _draw_data(data)
     n = _draw_n(data)
     lr = data.draw(st.sampled_from([0.1, 1e-3]) | st.floats(1e-5, 1.0), label="lr")
-    weight_decay = data.draw(st.sampled_from([0.0, 0.0, 5e-4]) | st.floats(0.0, 0.5), label="weight_decay")
-    momentum = data.draw(st.sampled_from([0.0, 0.0, 0.9]) | st.floats(0.0, 0.99), label="momentum")
-    dampening = data.draw(st.sampled_from([0.0, 0.0, 0.1]) | st.floats(0.0, 1.0), label="dampening")
+    weight_decay = data.draw(st.sampled_from([0.0, 0.0, 5e-4]) | st.floats(0.0, 0.5).map(_no_tiny),
+                             label="weight_decay")
+    momentum = data.draw(st.sampled_from([0.0, 0.0, 0.9]) | st.floats(0.0, 0.99).map(_no_tiny), label="momentum")
+    dampening = data.draw(st.sampled_from([0.0, 0.0, 0.1]) | st.floats(0.0, 1.0).map(_no_tiny), label="dampening")
     nesterov = data.draw(st.booleans(), label="nesterov")
     maximize = data.draw(st.booleans(), label="maximize")
     # `first` on the first call (the buffer starts as NaN: must not be read), or a running buffer;
@@ -545,10 +570,10 @@ def test_adamw_step_property(backend, data):
     seed, scale, zeros = _draw_data(data)
     n = _draw_n(data)
     lr = data.draw(st.sampled_from([1e-3, 0.1]) | st.floats(1e-5, 0.5), label="lr")
-    beta1 = data.draw(st.sampled_from([0.9, 0.0]) | st.floats(0.0, 0.99), label="beta1")
+    beta1 = data.draw(st.sampled_from([0.9, 0.0]) | st.floats(0.0, 0.99).map(_no_tiny), label="beta1")
     beta2 = data.draw(st.sampled_from([0.999, 0.95]) | st.floats(0.5, 0.9999), label="beta2")
     eps = data.draw(st.sampled_from([1e-8, 1e-6, 1e-3, 1e-12]), label="eps")
-    weight_decay = data.draw(st.sampled_from([0.0, 1e-2]) | st.floats(0.0, 0.5), label="weight_decay")
+    weight_decay = data.draw(st.sampled_from([0.0, 1e-2]) | st.floats(0.0, 0.5).map(_no_tiny), label="weight_decay")
     maximize = data.draw(st.booleans(), label="maximize")
     step = data.draw(st.sampled_from([1, 1, 2, 10]) | st.integers(1, 5000), label="step count of the first call")
     fresh = step == 1 or data.draw(st.booleans(), label="zero state")     # else a running state
@@ -571,3 +596,51 @@ def test_adamw_step_property(backend, data):
             _check_step(got, want, p, g, g0, psf, psf0, backup, backup0, mode, msg)
             assert_close(m.dev, m.ref, f"exp_avg ({msg})")
             assert_close(v.dev, v.ref, f"exp_avg_sq ({msg})")
+
+
+# ------------------------------------------------------------------------------------------------
+# 16-bit subnormals (kept out of the properties above), exact: one rounding of the same values
+# ------------------------------------------------------------------------------------------------
+
+_SUBNORMAL_XFAIL = pytest.mark.xfail(
+    reason="Triton interpreter (triton 3.9): its fp32 <-> bf16 casts (_convert_float) mangle values "
+           "below 2^-126, both loading bf16 subnormals and storing results in that range; on a GPU "
+           "the casts are the hardware's", strict=False)
+
+
+def _subnormal_cases():
+    for b in BACKENDS:
+        name = b.values[0]
+        for dtype in (torch.bfloat16, torch.float16):
+            marks = list(b.marks)
+            if name == "triton" and _TRITON_INTERPRETED and dtype == torch.bfloat16:
+                marks.append(_SUBNORMAL_XFAIL)
+            yield pytest.param(name, dtype, marks=marks, id=f"{name}-{str(dtype)[6:]}")
+
+
+@pytest.mark.parametrize("backend,dtype", list(_subnormal_cases()))
+def test_16bit_subnormals(backend, dtype):
+    dev, ops = _device_for(backend), backend_module(backend)
+    tiny = torch.finfo(dtype).smallest_normal
+    sub = (torch.tensor([0.7, -0.3, 0.11, 0.0123, -0.9, 0.085, 1.3, 1.0], dtype=torch.float64) * tiny).to(dtype)
+    other = torch.tensor([1.0, -2.0, 3.0, 0.5, 0.25, -1.5, 7.0, -0.125], dtype=dtype)
+    # loads of subnormal inputs: grad + 1 * 0 is grad
+    g = sub.to(dev, copy=True)
+    ops.reuse(g, torch.zeros_like(g), 1.0)
+    assert_equal(g, sub, "reuse: subnormal gradient not kept")
+    # stores of results in the subnormal range: grad + coeff * psf
+    coeff = float(tiny) * 0.37
+    g, g_ref = torch.zeros_like(other).to(dev, copy=True), torch.zeros_like(other)
+    ops.reuse(g, other.to(dev, copy=True), coeff)
+    R.reuse(g_ref, other, coeff)
+    assert_equal(g, g_ref, "reuse: results below the smallest normal")
+    # the weights: perturb with scale 0 keeps them; an SGD step of lr ~ tiny from zero weights
+    p, backup = sub.to(dev, copy=True), torch.empty_like(sub).to(dev, copy=True)
+    ops.perturb(p, other.to(dev, copy=True), torch.tensor(0.0, device=dev), backup, False)
+    assert_equal(backup, sub, "perturb: backup")
+    assert_equal(p, sub, "perturb: scale 0 changed subnormal weights")
+    p, p_ref = torch.zeros_like(other).to(dev, copy=True), torch.zeros_like(other)
+    args = (None, None, None, 0.0, 0, coeff, 0.0, 0.0, 0.0, False, False, True)
+    ops.sgd_step(p, other.to(dev, copy=True), *args)
+    R.sgd_step(p_ref, other, *args)
+    assert_equal(p, p_ref, "sgd_step: results below the smallest normal")
