@@ -1,15 +1,16 @@
-"""Optimizer level: every backend (fused base steps included) against the reference backend."""
+"""Optimizer level: every backend (fused base steps included) against the reference backend.
+
+Each backend runs on the device it serves (helpers.device_for): CUDA tensors for ``cuda``, and
+for ``triton`` when there is a GPU; the reference runs on CPU tensors. Results are compared on
+the CPU."""
 import io
 
 import pytest
 import torch
 
-from vsam_ext import AESAM, SAM, VSAM, LookSAM, PeriodicSAM, available_backends
-from helpers import closure_for, make_mlp, run
+from vsam_ext import AESAM, SAM, VSAM, LookSAM, PeriodicSAM
+from helpers import FUSED_PARAMS, TRITON_INTERPRETED, closure_for, device_for, device_of, make_mlp, run
 
-DEVICE = {"cpu": "cpu", "reference": "cpu", "cuda": "cuda",
-          "triton": "cuda" if torch.cuda.is_available() else "cpu"}
-FUSED = [b for b in available_backends() if b != "reference"]
 BASES = {
     "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=5e-4)),
     "sgd_nesterov_damp": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3)),
@@ -36,12 +37,10 @@ PAIRS = [(o, b) for o in OPTIMIZERS for b in BASES if b in FEW_BASES.get(o, BASE
 
 
 def _build(backend, opt_name, base_name, dtype=torch.float64, seed=0):
-    model = make_mlp(seed=seed, dtype=dtype).to(DEVICE[backend])
+    model = make_mlp(seed=seed, dtype=dtype).to(device_for(backend))
     cls, kw = OPTIMIZERS[opt_name]
     base, base_kw = BASES[base_name]
     return model, cls(model.parameters(), base, backend=backend, **kw, **base_kw)
-
-
 
 
 def _assert_close(a, b, rtol):
@@ -49,15 +48,14 @@ def _assert_close(a, b, rtol):
         torch.testing.assert_close(p.detach().cpu(), q.detach().cpu(), rtol=rtol, atol=rtol * 1e-2)
 
 
-@pytest.mark.skipif(not FUSED, reason="no fused backend built")
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", FUSED_PARAMS)
 @pytest.mark.parametrize("opt_name,base_name", PAIRS)
 def test_backend_matches_reference_over_60_steps(backend, opt_name, base_name):
-    if DEVICE[backend] == "cpu" and backend == "triton" and base_name == "rmsprop":
+    if backend == "triton" and TRITON_INTERPRETED and base_name == "rmsprop":
         pytest.skip("interpreter time")
     ref_model, ref = _build("reference", opt_name, base_name)
     model, opt = _build(backend, opt_name, base_name)
-    assert opt.backend == backend
+    assert opt.backend == backend and device_of(model) == device_for(backend)
     ref_dec = run(ref_model, ref, 60, dtype=torch.float64)
     dec = run(model, opt, 60, dtype=torch.float64)
     assert dec == ref_dec
@@ -66,8 +64,7 @@ def test_backend_matches_reference_over_60_steps(backend, opt_name, base_name):
     _assert_close(model, ref_model, rtol=1e-9)
 
 
-@pytest.mark.skipif(not FUSED, reason="no fused backend built")
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", FUSED_PARAMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_backend_matches_reference_in_low_precision(backend, dtype):
     ref_model, ref = _build("reference", "vsam", "sgd", dtype=dtype)
@@ -119,13 +116,13 @@ def test_fused_and_generic_paths_interleave(base_name):
     torch.testing.assert_close(e1, e2, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.skipif(not FUSED, reason="no fused backend built")
-@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("backend", FUSED_PARAMS)
 def test_checkpoint_moves_across_backends(backend):
     """Save with one backend, resume with another: the run continues (decisions identical)."""
     ref_model, ref = _build("reference", "vsam", "adamw")
     ref_dec = run(ref_model, ref, 40, dtype=torch.float64)
     model, opt = _build(backend, "vsam", "adamw")
+    assert device_of(model) == device_for(backend)
     dec = run(model, opt, 17, dtype=torch.float64)
     f = io.BytesIO()
     torch.save({"m": model.state_dict(), "o": opt.state_dict()}, f)
