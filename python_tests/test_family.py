@@ -1,6 +1,7 @@
 """The efficient-SAM family (ASAM flavours, LookSAM, AE-SAM, ESAM, AUSAM): API, closure
 contract, checkpoints, two-call forms, backends, bad arguments. Equality with the independent
-eager oracle is in test_family_vs_naive.py."""
+eager oracle is in test_family_vs_naive.py. A backend runs on the device it serves
+(helpers.device_for); the reference on CPU tensors."""
 import io
 import math
 
@@ -9,16 +10,15 @@ import torch
 import torch.nn.functional as F
 
 import vsam_ext as vx
-from helpers import batch, closure_for, make_mlp
+from helpers import FUSED_PARAMS, batch, closure_for, device_for, device_of, make_mlp
 
 DTYPE = torch.float64
-FUSED = [b for b in vx.available_backends() if b != "reference"]
 N_SAMPLES = 48
 
 
 def per_sample_closure(model, step, log=None):
     """The ESAM/AUSAM contract: closure(indices) -> per-sample losses, no backward."""
-    x, y = batch(step, DTYPE)
+    x, y = batch(step, DTYPE, device=device_of(model))
 
     def closure(indices=None):
         if log is not None:
@@ -61,7 +61,7 @@ def run_steps(name, model, opt, start, steps):
 
 
 def build(name, backend="reference", seed=0, bn=False):
-    model = make_mlp(seed=seed, dtype=DTYPE, bn=bn)
+    model = make_mlp(seed=seed, dtype=DTYPE, bn=bn).to(device_for(backend))
     return model, BUILDERS[name](model.parameters(), backend=backend, model=model)
 
 
@@ -246,7 +246,7 @@ def test_closure_contract_errors_are_clear_and_leave_weights(name, which):
     model, opt = build(name)
     if name == "ausam":                       # past the first epoch, so a subset is drawn
         run_steps(name, model, opt, 0, 2)
-    x, y = batch(99, DTYPE)
+    x, y = batch(99, DTYPE, device=device_of(model))
     closure, err, match = _bad_closures(model, x, y)[which]
     if name == "ausam" and which == 0:
         match = r"shape \(\), expected \[12\]"
@@ -363,16 +363,13 @@ def test_esam_keeps_batchnorm_statistics_of_the_first_pass():
     assert torch.equal(model[1].running_var, probe[1].running_var)
 
 
-CPU_FUSED = [b for b in FUSED if b == "cpu" or (b == "triton" and not torch.cuda.is_available())]
-
-
-@pytest.mark.skipif(not CPU_FUSED, reason="no fused backend for CPU tensors")
-@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("backend", FUSED_PARAMS)
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_backend_matches_reference(backend, name):
+    """Every fused backend on the device it serves against the reference on CPU tensors."""
     m_ref, o_ref = build(name)
     m, o = build(name, backend=backend)
-    assert o.backend == backend
+    assert o.backend == backend and device_of(m) == device_for(backend)
     assert run_steps(name, m, o, 0, 20) == run_steps(name, m_ref, o_ref, 0, 20)
     for p, q in zip(m.parameters(), m_ref.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-9, atol=1e-12)
