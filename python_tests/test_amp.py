@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import vsam_ext as vx
-from helpers import batch, closure_for, make_mlp
+from helpers import batch, closure_for, device_for, device_of, make_mlp
 
 CLOSURE_OPTIMIZERS = {
     "sam": lambda ps, **kw: vx.SAM(ps, torch.optim.SGD, **kw),
@@ -100,32 +100,85 @@ def _force_sam_next(opt):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("backend", [b for b in vx.available_backends() if b in ("reference", "cpu", "triton")])
+@pytest.mark.parametrize("backend", vx.available_backends())
 def test_16bit_weights_perturbation_is_undone_bit_for_bit(dtype, backend):
     """lr = 0: the step is perturb, second pass, restore, and an identity base step, so the
-    weights must come back with exactly the same bits."""
-    model = make_mlp(dtype=dtype)
+    weights must come back with exactly the same bits (every backend, on the device it serves)."""
+    model = make_mlp(dtype=dtype).to(device_for(backend))
     before = [p.detach().clone() for p in model.parameters()]
     opt = vx.SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.0, backend=backend)
+    assert opt.backend == backend
     for t in range(3):
         opt.step(closure_for(model, opt, t, dtype))
     for p, q in zip(model.parameters(), before):
-        assert p.dtype == dtype and torch.equal(p.detach(), q)
+        assert p.dtype == dtype and p.device == device_for(backend) and torch.equal(p.detach(), q)
+
+
+# A learnable task for the bf16 test: labels from a fixed linear teacher, so the loss falls from
+# ln 3 to ~0.08 in 100 steps. (helpers.batch has random labels: its loss stays near ln 3 whatever
+# the optimizer does, so a loss comparison on it could not tell a working run from a broken one.)
+_TEACHER = torch.randn(6, 3, generator=torch.Generator().manual_seed(7))
+BF16_SEEDS, BF16_STEPS, BF16_LAST = range(8), 100, 20
+
+
+def _teacher_batch(step, dtype, device):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(24, 6, generator=g)
+    return x.to(dtype=dtype, device=device), (x @ _TEACHER).argmax(1).to(device)
+
+
+def _sam_run(dtype, seed, lr=0.05):
+    """SAM(SGD, momentum 0.9) on make_mlp(seed) with weights in ``dtype``, BF16_STEPS steps over
+    10 cycled teacher batches; loss in fp32 from the model's logits. Returns the first loss, the
+    mean loss of the last BF16_LAST steps (two passes over the 10 batches, so no single batch
+    decides) and the final weights as one fp32 vector."""
+    model = make_mlp(seed=seed, dtype=dtype)
+    opt = vx.SAM(model.parameters(), torch.optim.SGD, lr=lr, momentum=0.9)
+    losses = []
+    for t in range(BF16_STEPS):
+        x, y = _teacher_batch(t % 10, dtype, device_of(model))
+
+        def closure():
+            loss = F.cross_entropy(model(x).float(), y)
+            loss.backward()
+            return loss.detach()
+        losses.append(float(opt.step(closure)))
+    late = sum(losses[-BF16_LAST:]) / BF16_LAST
+    return losses[0], late, torch.cat([p.detach().float().cpu().flatten() for p in model.parameters()])
 
 
 def test_bf16_training_tracks_fp32():
-    """The same SAM run in bf16 weights and in fp32: stated tolerance, final training loss within
-    5 % and parameters within 5e-2 relative (bf16 keeps 8 bits of mantissa)."""
-    def run(dtype):
-        model = make_mlp(seed=1, dtype=dtype)
-        opt = vx.SAM(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9)
-        for t in range(100):
-            loss = opt.step(closure_for(model, opt, t % 10, dtype))
-        return float(loss.detach()), torch.cat([p.detach().float().flatten() for p in model.parameters()])
-    loss32, w32 = run(torch.float32)
-    loss16, w16 = run(torch.bfloat16)
-    assert abs(loss16 - loss32) <= 0.05 * loss32
-    assert (w16 - w32).norm() <= 5e-2 * w32.norm()
+    """The same SAM run with bf16 weights and with fp32 weights, from 8 initialisations (seeds).
+
+    The yardstick is the fp32 runs' own spread: sigma, the standard deviation over the seeds of
+    the fp32 late loss (mean of the last 20 steps). It is how much the result of a correct fp32
+    run depends on its initialisation alone, and it is measured on this host, so the bound moves
+    with the host's numerics rather than being a fixed percentage of one noisy endpoint.
+
+    * each seed: |late loss bf16 - late loss fp32| <= sigma (bf16 rounding moves a run by less
+      than changing its initialisation does; measured: at most ~0.4 sigma);
+    * over the seeds: |mean difference| <= 2 sigma / sqrt(8), two standard errors of the fp32
+      mean (no systematic bias that 8 seeds could detect; measured: ~0.03 standard errors);
+    * each seed: final parameters within 5e-2 relative of the fp32 run's (bf16 keeps 8 bits of
+      mantissa; measured: at most ~0.021).
+
+    sigma is ~6 % of the late loss, but on a task that learns (first loss ~1.1, late ~0.08): a
+    bf16 run with its lr scaled by 0.9 or 1.1 fails the per-seed loss bound (~2.0 and ~1.4
+    sigma), one with no learning at all fails by far."""
+    firsts, late32, late16 = [], [], []
+    for seed in BF16_SEEDS:
+        first, l32, w32 = _sam_run(torch.float32, seed)
+        _, l16, w16 = _sam_run(torch.bfloat16, seed)
+        firsts.append(first)
+        late32.append(l32)
+        late16.append(l16)
+        assert (w16 - w32).norm() <= 5e-2 * w32.norm(), seed
+    late32, late16 = torch.tensor(late32, dtype=torch.float64), torch.tensor(late16, dtype=torch.float64)
+    assert late32.max() < 0.2 * min(firsts)                # the task is learnt: the loss says something
+    sigma = late32.std().item()
+    diff = late16 - late32
+    assert diff.abs().max().item() <= sigma, (diff.tolist(), sigma)
+    assert abs(diff.mean().item()) <= 2 * sigma / len(BF16_SEEDS) ** 0.5, (diff.tolist(), sigma)
 
 
 @pytest.mark.parametrize("name", ["sam", "vsam", "looksam"])
