@@ -3,8 +3,10 @@ resumed into fresh models/optimizers, across backends and through bytes; and odd
 sets (frozen, intermittently gradient-less, unfrozen later, 0-dim, empty, tied, duplicated,
 several groups, groups added later, re-pointed, non-contiguous, channels_last).
 
-Everything runs on CPU tensors in float64 where a tolerance is involved; "same backend" checks
-are bit for bit (torch.equal)."""
+Everything runs in float64 where a tolerance is involved; "same backend" checks are bit for bit
+(torch.equal). A backend runs on the device it serves (helpers.device_for): the checkpoints move
+across backends and devices; the odd parameter sets run on CPU tensors (reference and the
+default backend for them)."""
 import io
 import warnings
 
@@ -14,13 +16,11 @@ import torch.nn.functional as F
 
 import vsam_ext as vx
 from vsam_ext import AESAM, AUSAM, SAM, VSAM, LookSAM
-from helpers import batch, closure_for, make_mlp
+from helpers import TRITON_INTERPRETED, batch, closure_for, device_for, device_of, make_mlp
 
 D = torch.float64
 SGD = torch.optim.SGD
 N_SAMPLES = 48
-# Triton on CPU tensors runs through the interpreter (conftest): only where it is available.
-TRITON = "triton" in vx.available_backends() and not torch.cuda.is_available()
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -33,7 +33,7 @@ def mlp(h1=16, h2=8, seed=0, bn=True):
 
 
 def per_sample_closure(model, step):
-    x, y = batch(step, D)
+    x, y = batch(step, D, device=device_of(model))
 
     def closure(indices=None):
         xb, yb = (x, y) if indices is None else (x[indices], y[indices])
@@ -62,7 +62,7 @@ BUILDERS = {
 
 
 def build(name, backend=None, model_seed=0, opt_seed=0):
-    model = mlp(seed=model_seed)
+    model = mlp(seed=model_seed).to(device_for(backend))
     return model, BUILDERS[name](model.parameters(), seed=opt_seed, model=model, backend=backend)
 
 
@@ -91,7 +91,8 @@ def load_bytes(data: bytes) -> dict:
 
 
 def state_of(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    """A copy of the model's state on the CPU (runs on different devices compare there)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def assert_states_equal(a, b):
@@ -188,17 +189,17 @@ def test_vsam_mid_reuse_checkpoint_carries_the_psf_and_its_age():
 
 
 def _cross_backend_pairs():
-    pairs = [("cpu", "reference"), ("reference", "cpu")]
-    if TRITON:
-        pairs += [("cpu", "triton"), ("triton", "cpu")]
-    return pairs
+    """Every other backend to and from the cpu backend (the reference when cpu is not built),
+    each on the device it serves: with a GPU the checkpoint also moves between devices."""
+    anchor = "cpu" if "cpu" in vx.available_backends() else "reference"
+    return [pair for b in vx.available_backends() if b != anchor for pair in ((anchor, b), (b, anchor))]
 
 
 @pytest.mark.parametrize("src,dst", _cross_backend_pairs())
 @pytest.mark.parametrize("name,moment", [("vsam", "mid_window"), ("vsam", "mid_reuse"), ("looksam", "mid_reuse")])
 def test_checkpoint_resumes_across_backends(src, dst, name, moment):
     cut, total = CUTS[(name, moment)]
-    if "triton" in (src, dst):          # the interpreter is slow: a shorter run past a boundary
+    if TRITON_INTERPRETED and "triton" in (src, dst):   # the interpreter is slow: a shorter run past a boundary
         total = min(total, cut + 8)
     m_ref, o_ref = build(name, backend=src)
     ref_dec = run_steps(name, m_ref, o_ref, 0, total)
@@ -207,7 +208,7 @@ def test_checkpoint_resumes_across_backends(src, dst, name, moment):
     _check_cut(name, moment, o1)
     ck = load_bytes(save_bytes(m1, o1))
     m2, o2 = build(name, backend=dst, model_seed=11, opt_seed=5)
-    assert o2.backend == dst
+    assert o2.backend == dst and device_of(m2) == device_for(dst) and device_of(m1) == device_for(src)
     m2.load_state_dict(ck["model"])
     o2.load_state_dict(ck["opt"])
     dec += run_steps(name, m2, o2, cut, total - cut)
@@ -274,7 +275,9 @@ def test_checkpoint_with_a_different_vsam_window_is_refused():
 
 
 # -- 2. odd parameter sets ----------------------------------------------------------------------------
-BACKENDS = ["reference", None]        # None: the default backend (cpu)
+# The reference and the default backend (None: cpu for CPU tensors, the reference when cpu is
+# not built); both serve CPU tensors (device_for), where these tests build their models.
+BACKENDS = ["reference", None]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
