@@ -5,6 +5,7 @@ Install with ``pip install -e . --no-build-isolation`` so that the torch already
 the one compiled against (an isolated build would fetch its own torch).
 """
 import glob
+import json
 import os
 import sys
 
@@ -20,11 +21,13 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]   # no errno: lets std::sqrt vectorise
+    with open(os.path.join("csrc", "compile_flags.json")) as f:   # shared with .ci/nvcc_check.sh
+        flags = json.load(f)
+    cxx = flags["cxx"]
     if torch.version.cuda and cu and os.environ.get("VSAM_EXT_NO_CUDA") != "1":
         print(f"vsam_ext: building vsam_ext._C with C++ {cpp} and CUDA {cu}", file=sys.stderr)
         ext = cpp_extension.CUDAExtension(
-            "vsam_ext._C", cpp + cu, extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            "vsam_ext._C", cpp + cu, extra_compile_args={"cxx": cxx, "nvcc": flags["nvcc"]},
             extra_link_args=["-fopenmp"])
     else:
         why = "torch has no CUDA" if not torch.version.cuda else "no .cu sources or VSAM_EXT_NO_CUDA=1"

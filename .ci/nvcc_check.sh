@@ -2,8 +2,11 @@
 # Compile-only check of the CUDA sources (csrc/*.cu) with nvcc, for machines without a GPU or
 # without a CUDA build of torch: every file is compiled with `nvcc -c` into a temporary
 # directory, with torch's include paths and the flags torch's CUDAExtension passes (so what
-# compiles here compiles in `pip install` on a GPU machine). Prints the time of each file and
-# exits non-zero if any file fails to compile.
+# compiles here compiles in `pip install` on a GPU machine), plus the project's own flags from
+# csrc/compile_flags.json (the ones setup.py uses). The PTX that nvcc generates on the way is
+# kept and checked by .ci/ptx_fma_check.py: no fused multiply-add (ALGORITHMS.md, "Precision
+# of the scalars"), which a GPU would show only as 1-ulp differences. Prints the time of each
+# file and exits non-zero if any file fails to compile or its PTX could contract.
 #
 #   PYTHON=.venv/bin/python bash .ci/nvcc_check.sh        # the python whose torch to use
 #   NVCC=/usr/local/cuda/bin/nvcc                         # default: nvcc on PATH, else /usr/local/bin, /usr/local/cuda/bin
@@ -39,10 +42,12 @@ if [ ${#sources[@]} -eq 0 ]; then
     exit 0
 fi
 
-# torch's include paths and its standard CUDA flags (-D__CUDA_NO_HALF_OPERATORS__ ...).
+# torch's include paths and its standard CUDA flags (-D__CUDA_NO_HALF_OPERATORS__ ...), then ours.
 if ! torch_flags=$("$PYTHON" -c '
+import json
 from torch.utils import cpp_extension as c
-print(" ".join("-I" + p for p in c.include_paths()) + " " + " ".join(c.COMMON_NVCC_FLAGS))
+ours = json.load(open("csrc/compile_flags.json"))["nvcc"]
+print(" ".join("-I" + p for p in c.include_paths()) + " " + " ".join(c.COMMON_NVCC_FLAGS + ours))
 '); then
     echo "nvcc_check: could not import torch with PYTHON=$PYTHON" >&2
     exit 1
@@ -52,7 +57,7 @@ arch=${VSAM_EXT_NVCC_ARCH:-sm_90}
 arch_num=${arch#sm_}
 # shellcheck disable=SC2206
 flags=($torch_flags -std=c++20 --expt-relaxed-constexpr -DC10_CUDA_NO_CMAKE_CONFIGURE_FILE
-       -gencode "arch=compute_${arch_num},code=sm_${arch_num}" -O3 -Xcompiler -fPIC
+       -gencode "arch=compute_${arch_num},code=sm_${arch_num}" -Xcompiler -fPIC
        -Xcompiler -Wall -Xcudafe --display_error_number)
 
 tmp=$(mktemp -d)
@@ -63,7 +68,8 @@ failed=0
 for src in "${sources[@]}"; do      # one at a time: parallel nvcc runs were slower on 2 cores
     name=$(basename "$src" .cu)
     start=$(date +%s.%N)
-    "$NVCC" -c "$src" -o "$tmp/$name.o" "${flags[@]}" >"$tmp/$name.log" 2>&1
+    mkdir -p "$tmp/$name.keep"
+    "$NVCC" -c "$src" -o "$tmp/$name.o" "${flags[@]}" --keep --keep-dir "$tmp/$name.keep" >"$tmp/$name.log" 2>&1
     rc=$?
     secs=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
     nwarn=$(grep -c -i "warning" "$tmp/$name.log" || true)
@@ -75,6 +81,15 @@ for src in "${sources[@]}"; do      # one at a time: parallel nvcc runs were slo
     fi
     if [ -s "$tmp/$name.log" ]; then
         sed 's/^/        /' "$tmp/$name.log"
+    fi
+    if [ "$rc" -eq 0 ]; then
+        ptx=("$tmp/$name.keep"/*.ptx)
+        if [ ${#ptx[@]} -eq 0 ]; then
+            echo "  FAIL  $src: nvcc kept no PTX to check"
+            failed=1
+        elif ! "$PYTHON" .ci/ptx_fma_check.py "${ptx[@]}" | sed "s|$tmp/$name.keep/||; s/^/        /"; then
+            failed=1
+        fi
     fi
 done
 if [ "$failed" -ne 0 ]; then

@@ -1,7 +1,9 @@
 // CPU (C++/OpenMP through at::parallel_for) kernels of the vsam_ext ops; the semantics are
 // those of vsam_ext/ops/reference.py. Work is cut into fixed chunks, so every reduction is a
 // per-chunk partial (double accumulators) summed in chunk order: results do not depend on the
-// number of threads. Maths in float (double for double buffers), one rounding per store.
+// number of threads. Maths in float (double for double buffers), one rounding per store, no
+// fused multiply-add (built with -ffp-contract=off): the bits of the reference backend.
+// Scalars (sums, statistics) are returned in the maths dtype: float, double for double buffers.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -90,17 +92,18 @@ double sumsq_range(int64_t begin, int64_t end, const Load& load) {
   return out;
 }
 
-// The statistics pair (sum g^2, sum PSF^2) over [stat_start, n), as an fp32 tensor, from
-// per-chunk partials; empty tensor when there are none.
+// The statistics pair (sum g^2, sum PSF^2) over [stat_start, n), as a tensor of out_t (the
+// maths dtype), from per-chunk partials; empty tensor when there are none.
 struct Stats {
   std::vector<double> g, psf;
   explicit Stats(int64_t n) : g((n + kChunk - 1) / kChunk, 0.0), psf((n + kChunk - 1) / kChunk, 0.0) {}
+  template <typename out_t>
   Tensor result() const {
     double sg = 0, sp = 0;
     for (size_t c = 0; c < g.size(); ++c) { sg += g[c]; sp += psf[c]; }
-    Tensor out = at::empty({2}, at::TensorOptions().dtype(at::kFloat));
-    out.data_ptr<float>()[0] = static_cast<float>(sg);
-    out.data_ptr<float>()[1] = static_cast<float>(sp);
+    Tensor out = at::empty({2}, at::TensorOptions().dtype(std::is_same_v<out_t, double> ? at::kDouble : at::kFloat));
+    out.data_ptr<out_t>()[0] = static_cast<out_t>(sg);
+    out.data_ptr<out_t>()[1] = static_cast<out_t>(sp);
     return out;
   }
 };
@@ -154,7 +157,7 @@ Tensor segment_sumsq(const Tensor& x, at::IntArrayRef bounds, const c10::optiona
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = ptr_or_null<scalar_t>(weight);
     const a_t e = static_cast<a_t>(eta);
-    out = segment_reduce<1>(bounds, x.numel(), [&](const SegJob& job, double* sums) {
+    out = segment_reduce<1, a_t>(bounds, x.numel(), [&](const SegJob& job, double* sums) {
       sums[0] = wp ? sumsq_range(job.begin, job.end, [&](int64_t i) {
                        return static_cast<double>((std::abs(static_cast<a_t>(wp[i])) + e) * static_cast<a_t>(xp[i]));
                      })
@@ -211,7 +214,7 @@ Tensor segment_axpby(const Tensor& y, const Tensor& x, const Tensor& alpha, cons
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const a_t* al = alpha.data_ptr<a_t>();
     const a_t* be = beta.data_ptr<a_t>();
-    out = segment_reduce<1>(bounds, y.numel(), [&](const SegJob& job, double* sums) {
+    out = segment_reduce<1, a_t>(bounds, y.numel(), [&](const SegJob& job, double* sums) {
       const a_t sa = al[job.seg], sb = be[job.seg];
       for (int64_t i = job.begin; i < job.end; ++i)
         yp[i] = static_cast<scalar_t>(sa * static_cast<a_t>(yp[i]) + sb * static_cast<a_t>(xp[i]));
@@ -229,16 +232,18 @@ void perturb(const Tensor& param, const Tensor& grad, const Tensor& scale, const
   check_buffer(grad, param, "grad");
   check_buffer(backup, param, "backup");
   if (grad_keep.has_value()) check_buffer(*grad_keep, param, "grad_keep");
-  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == at::kFloat && scale.device().is_cpu(),
-              "scale: expected a 1-element fp32 CPU tensor");
-  const float s = scale.data_ptr<float>()[0];
+  const auto want = param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == want && scale.device().is_cpu(),
+              "perturb: scale must be one ", want, " value on the CPU (the maths dtype of a ", param.scalar_type(),
+              " buffer), got ", scale.numel(), " ", scale.scalar_type(), " value(s) on ", scale.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "perturb", [&] {
     using a_t = acc_t<scalar_t>;
+    const a_t s = scale.data_ptr<a_t>()[0];
     scalar_t* p = param.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
     scalar_t* b = backup.data_ptr<scalar_t>();
     scalar_t* keep = grad_keep.has_value() ? grad_keep->data_ptr<scalar_t>() : nullptr;
-    const a_t sc = static_cast<a_t>(s);
+    const a_t sc = s;
     const a_t e = static_cast<a_t>(eta);
     for_chunks(param.numel(), [&](int64_t i0, int64_t i1, int64_t) {
       for (int64_t i = i0; i < i1; ++i) {
@@ -315,7 +320,7 @@ Front<scalar_t> make_front(const Tensor& param, const Tensor& grad, const c10::o
 
 // Runs body.template run<kMode, kStats>(i0, i1, acc_g, acc_psf) over fixed chunks, the
 // statistics range [stat_start, n) split from the rest; returns the statistics (or none).
-template <typename Body>
+template <typename out_t, typename Body>
 Tensor run_fused(int64_t n, Mode mode, int64_t stat_start, const Body& body) {
   Stats stats(n);
   const int64_t s0 = std::max<int64_t>(0, std::min(stat_start, n));
@@ -336,7 +341,7 @@ Tensor run_fused(int64_t n, Mode mode, int64_t stat_start, const Body& body) {
     case kRestore: go(std::integral_constant<Mode, kRestore>{}); break;
     case kRestorePsf: go(std::integral_constant<Mode, kRestorePsf>{}); break;
   }
-  return mode == kRestorePsf ? stats.result() : no_stats();
+  return mode == kRestorePsf ? stats.template result<out_t>() : no_stats();
 }
 
 // restore_psf_stats is the front alone.
@@ -363,7 +368,7 @@ Tensor restore_psf_stats(const Tensor& param, const Tensor& backup, const Tensor
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "restore_psf_stats", [&] {
     RestoreBody<scalar_t> body{make_front<scalar_t>(param, grad_sam, psf, backup, 0.0, false)};
-    out = run_fused(param.numel(), mode_of(true, psf.has_value(), 0.0), stat_start, body);
+    out = run_fused<acc_t<scalar_t>>(param.numel(), mode_of(true, psf.has_value(), 0.0), stat_start, body);
   });
   return out;
 }
@@ -444,7 +449,7 @@ Tensor sgd_step(const Tensor& param, const Tensor& grad, const c10::optional<Ten
                            momentum != 0.0 ? momentum_buffer->data_ptr<scalar_t>() : nullptr,
                            static_cast<a_t>(lr), static_cast<a_t>(weight_decay), static_cast<a_t>(momentum),
                            static_cast<a_t>(1.0 - dampening), nesterov, first};
-    out = run_fused(param.numel(), mode_of(backup.has_value(), psf.has_value(), coeff), stat_start, body);
+    out = run_fused<a_t>(param.numel(), mode_of(backup.has_value(), psf.has_value(), coeff), stat_start, body);
   });
   return out;
 }
@@ -492,7 +497,7 @@ Tensor adamw_step(const Tensor& param, const Tensor& grad, const Tensor& exp_avg
                              static_cast<a_t>(beta2), static_cast<a_t>(1.0 - beta2),
                              static_cast<a_t>(lr / (1.0 - std::pow(beta1, s))),
                              static_cast<a_t>(std::sqrt(1.0 - std::pow(beta2, s))), static_cast<a_t>(eps)};
-    out = run_fused(param.numel(), mode_of(backup.has_value(), psf.has_value(), coeff), stat_start, body);
+    out = run_fused<a_t>(param.numel(), mode_of(backup.has_value(), psf.has_value(), coeff), stat_start, body);
   });
   return out;
 }

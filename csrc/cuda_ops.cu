@@ -23,11 +23,10 @@ namespace {
 // ===============================================================================================
 // Per-segment sums, deterministic. Segment k is `x[bounds[k]:bounds[k+1]]` as Python slices it
 // (as the reference does): an empty or reversed range gives 0. Sums in acc_t (fp32; fp64 for
-// double), returned as F::out (fp32; segment_gram: acc_t): shape (nseg,), or (nseg, K) for K > 1
-// sums per segment.
+// double), returned in acc_t too: shape (nseg,), or (nseg, K) for K > 1 sums per segment.
 //
 //   segment_sumsq:  out[k] = sum v_i^2,  v_i = x_i, or (|w_i| + eta) * x_i when weight is given
-//   segment_gram:   out[k] = (sum a_i^2, sum a_i b_i, sum b_i^2), fp64 for double buffers
+//   segment_gram:   out[k] = (sum a_i^2, sum a_i b_i, sum b_i^2)
 //   segment_axpby:  y_i <- T(alpha[k] * y_i + beta[k] * x_i) (alpha, beta: acc_t, read on the
 //                   device);
 //                   out[k] = sum of the squares of the stored new y_i
@@ -48,7 +47,7 @@ constexpr int64_t kMinChunk = 8192;   // elements: a block gets at least this mu
 template <typename T>
 struct SumsqF {
   using acc = acc_t<T>;
-  using out = float;
+  using out = acc;      // fp64 buffers: fp64 sums, so the norm's sqrt is fp64 too
   static constexpr int kV = kVec<T>;
   static constexpr int kSums = 1;
   const T* x;
@@ -82,7 +81,7 @@ struct SumsqF {
 template <typename T>
 struct GramF {
   using acc = acc_t<T>;
-  using out = acc;      // LookSAM's projection cancels: fp64 sums stay fp64
+  using out = acc;
   static constexpr int kV = kVec<T>;
   static constexpr int kSums = 3;
   const T* a;
@@ -108,7 +107,7 @@ struct GramF {
 template <typename T>
 struct AxpbyF {
   using acc = acc_t<T>;
-  using out = float;
+  using out = acc;
   static constexpr int kV = kVec<T>;
   static constexpr int kSums = 1;
   T* y;
@@ -326,7 +325,7 @@ at::Tensor segment_axpby_cuda(const at::Tensor& y, const at::Tensor& x, const at
 //                       with w = acc(p), s = *scale read on the device.
 //   restore_psf_stats:  p <- backup;  with psf: PSF = T(acc(g_sam) - acc(psf)) -> psf and the
 //                       pair (sum g^2 over the old psf, sum PSF^2 over the new psf) on
-//                       [stat_start, n); without psf: a plain device copy, no statistics.
+//                       [stat_start, n) in acc_t; without psf: a plain device copy, no statistics.
 //   reuse:              grad <- T(acc(grad) + coeff * acc(psf)).
 
 template <typename T>
@@ -338,12 +337,12 @@ struct PerturbF {
   const T* grad;
   T* backup;
   T* keep;              // nullptr: the gradient is not kept
-  const float* scale_ptr;
+  const acc* scale_ptr; // in the maths dtype (check_scale)
   bool adaptive;
   acc eta;              // ASAM's T = |w| + eta
   acc scale;            // *scale_ptr, read once per thread by load_device_scalars
 
-  __host__ __device__ __forceinline__ void load_device_scalars() { scale = static_cast<acc>(*scale_ptr); }
+  __host__ __device__ __forceinline__ void load_device_scalars() { scale = *scale_ptr; }
 
   template <int N>
   __host__ __device__ __forceinline__ void apply(int64_t i, acc&, acc&) const {
@@ -423,7 +422,7 @@ void perturb_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "vsam_ext::perturb", [&] {
     using T = scalar_t;
     PerturbF<T> f{param.data_ptr<T>(), grad.data_ptr<T>(), backup.data_ptr<T>(), ptr_or_null<T>(grad_keep),
-                  scale.data_ptr<float>(), adaptive, static_cast<acc_t<T>>(eta), acc_t<T>(0)};
+                  scale.data_ptr<acc_t<T>>(), adaptive, static_cast<acc_t<T>>(eta), acc_t<T>(0)};
     const bool vec_ok = aligned16(f.param) && aligned16(f.grad) && aligned16(f.backup) &&
                         (f.keep == nullptr || aligned16(f.keep));
     launch_elementwise<T>(f, n, vec_ok, param);
@@ -476,7 +475,7 @@ void reuse_cuda(const at::Tensor& grad, const at::Tensor& psf, double coeff) {
 // The final gradient (Mode, chosen on the host as reference._final_grad does):
 //   kRestore     backup given, no psf:  w = acc(backup) (param is written, never read); d = g
 //   kRestorePsf  backup and psf given:  as kRestore, and psf <- PSF = T(g - acc(psf)) with the
-//                statistics (sum g_old^2, sum PSF^2) over [stat_start, n) -> a 2-float tensor
+//                statistics (sum g_old^2, sum PSF^2) over [stat_start, n) -> 2 values in acc_t
 //   kReuse       psf given, coeff != 0: w = acc(param); d = g + coeff * acc(psf), in registers
 //                only (the grad buffer is never written)
 //   kPlain       otherwise:             w = acc(param); d = g

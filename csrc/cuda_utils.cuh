@@ -201,11 +201,11 @@ __global__ void __launch_bounds__(kThreads) elementwise_kernel(F f, int64_t n, b
   }
 }
 
-// out[0] = sum partials[0 : nblocks], out[1] = sum partials[nblocks : 2 nblocks], as fp32.
+// out[0] = sum partials[0 : nblocks], out[1] = sum partials[nblocks : 2 nblocks], in A.
 // One block; each thread adds a fixed strided subset in order, then block_sum2.
 template <typename A>
 __global__ void __launch_bounds__(kThreads) finalize_pair_kernel(const A* partials, int64_t nblocks,
-                                                                 float* out) {
+                                                                 A* out) {
   A a = A(0), b = A(0);
   for (int64_t k = threadIdx.x; k < nblocks; k += blockDim.x) {
     a += partials[k];
@@ -213,8 +213,8 @@ __global__ void __launch_bounds__(kThreads) finalize_pair_kernel(const A* partia
   }
   block_sum2(a, b);
   if (threadIdx.x == 0) {
-    out[0] = static_cast<float>(a);
-    out[1] = static_cast<float>(b);
+    out[0] = a;
+    out[1] = b;
   }
 }
 
@@ -271,12 +271,19 @@ inline void check_main(const at::Tensor& t, const char* name) {
               "vsam_ext: ", name, " must be float32, float64, float16 or bfloat16, got ", dt);
 }
 
-// `scale`: a 1-element (typically 0-d) float32 tensor on `ref`'s device, read by the kernel.
+// The maths dtype of a buffer: float64 for double buffers, else float32.
+inline at::ScalarType maths_dtype(const at::Tensor& ref) {
+  return ref.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// `scale`: a 1-element (typically 0-d) tensor in `ref`'s maths dtype on `ref`'s device, read by
+// the kernel.
 inline void check_scale(const at::Tensor& scale, const at::Tensor& ref) {
   TORCH_CHECK(scale.defined(), "vsam_ext: scale is undefined");
   TORCH_CHECK(scale.is_cuda() && scale.device() == ref.device(), "vsam_ext: scale must be on param's device ",
               ref.device(), " (a device tensor, never read on the host), got one on ", scale.device());
-  TORCH_CHECK(scale.scalar_type() == at::kFloat, "vsam_ext: scale must be float32, got ", scale.scalar_type());
+  TORCH_CHECK(scale.scalar_type() == maths_dtype(ref), "vsam_ext: perturb: scale must be ", maths_dtype(ref),
+              " (the maths dtype of a ", ref.scalar_type(), " buffer), got ", scale.scalar_type());
   TORCH_CHECK(scale.numel() == 1, "vsam_ext: scale must have exactly one element (0-d), got ", scale.numel());
 }
 
@@ -296,23 +303,22 @@ inline T* ptr_or_null(const std::optional<at::Tensor>& t) {
 inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 // Launches elementwise_kernel<F> over n elements on the current stream. When F::kStats it
-// returns the fp32 pair of sums (a new tensor of 2 elements), else an undefined tensor.
+// returns the pair of sums in F::acc (a new tensor of 2 elements), else an undefined tensor.
 // vec_ok: every pointer of the functor is 16-byte aligned. The caller holds a CUDAGuard.
 template <typename T, typename F>
 at::Tensor launch_elementwise(const F& f, int64_t n, bool vec_ok, const at::Tensor& like) {
-  const auto float_opts = like.options().dtype(at::kFloat);
-  if (n == 0) return F::kStats ? at::zeros({2}, float_opts) : at::Tensor();
+  using A = typename F::acc;
+  const auto acc_opts = like.options().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat);
+  if (n == 0) return F::kStats ? at::zeros({2}, acc_opts) : at::Tensor();
   const int device = like.get_device();
   const int grid = grid_for<T>(n, sm_count(device));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  using A = typename F::acc;
   if constexpr (F::kStats) {
-    const auto acc_dtype = std::is_same_v<A, double> ? at::kDouble : at::kFloat;
-    at::Tensor partials = at::empty({2 * static_cast<int64_t>(grid)}, like.options().dtype(acc_dtype));
-    at::Tensor out = at::empty({2}, float_opts);
+    at::Tensor partials = at::empty({2 * static_cast<int64_t>(grid)}, acc_opts);
+    at::Tensor out = at::empty({2}, acc_opts);
     elementwise_kernel<F><<<grid, kThreads, 0, stream>>>(f, n, vec_ok, partials.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    finalize_pair_kernel<A><<<1, kThreads, 0, stream>>>(partials.data_ptr<A>(), grid, out.data_ptr<float>());
+    finalize_pair_kernel<A><<<1, kThreads, 0, stream>>>(partials.data_ptr<A>(), grid, out.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
   } else {

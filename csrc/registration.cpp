@@ -3,10 +3,11 @@
 // are those of vsam_ext/ops/reference.py (the oracle the tests compare against).
 //
 // Conventions: every buffer is 1-D, contiguous, of one dtype (float, double, half, bfloat16)
-// and on one device; maths in fp32 (fp64 for double buffers); `scale` is a 0-d fp32 tensor on
-// the buffers' device; `alpha`/`beta` of segment_axpby hold one value per segment on the
-// buffers' device, in the maths dtype. Results are fp32, except segment_gram's, fp64 for double
-// buffers. Ops that may return "no statistics" return an empty tensor instead.
+// and on one device; maths in fp32 (fp64 for double buffers), without fused multiply-add;
+// `scale` is a 0-d tensor in the maths dtype on the buffers' device; `alpha`/`beta` of
+// segment_axpby hold one value per segment on the buffers' device, in the maths dtype. Results
+// (sums, statistics) are in the maths dtype too: fp32, fp64 for double buffers. Ops that may
+// return "no statistics" return an empty tensor instead.
 #include <torch/library.h>
 
 TORCH_LIBRARY(vsam_ext, m) {

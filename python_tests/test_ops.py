@@ -1,7 +1,14 @@
 """Every fused op on every available backend against the reference (eager torch) backend.
 
-Backends run on the tensors they serve: ``cpu`` on CPU tensors, ``cuda`` on CUDA tensors,
-``triton`` on CUDA tensors or, without a GPU, on CPU tensors under TRITON_INTERPRET=1.
+Backends run on the tensors they serve (``helpers.device_for``): ``cpu`` on CPU tensors,
+``cuda`` on CUDA tensors, ``triton`` on CUDA tensors or, without a GPU, on CPU tensors under
+TRITON_INTERPRET=1. The reference always runs on CPU tensors: it defines the bits.
+
+Element-wise results (weights, PSF, optimizer state, gradients) must be bit-identical to the
+reference in all four dtypes (ALGORITHMS.md, "Precision of the scalars": fp32/fp64 maths, one
+rounding per stored result, no fused multiply-add), over consecutive calls that each start from
+the same state on both sides. Sums (norms, Gram sums, statistics) are reductions in another
+order: they agree to rounding, fp64 ones to ~1e-12.
 """
 import math
 
@@ -10,34 +17,33 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from vsam_ext.ops import available_backends, backend_module, reference as R
+from helpers import FUSED_PARAMS as BACKENDS, device_for as _device_for
 
 SIZES = [0, 1, 3, 1023, 278011]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
-def _device_for(name):
-    if name == "cuda":
-        return "cuda"
-    if name == "triton":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cpu"
+def _maths(dtype):
+    return R.maths_dtype(dtype)
 
 
-BACKENDS = [pytest.param(b, id=b) for b in available_backends() if b != "reference"]
-if not BACKENDS:
-    BACKENDS = [pytest.param("none", marks=pytest.mark.skip(reason="only the reference backend is built"))]
+def assert_same(got, want):
+    """Bit-identical (same dtype, shape and bits); on failure, how many elements differ and by
+    how much."""
+    got, want = got.cpu(), want.cpu()
+    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape, want.dtype, want.shape)
+    if not torch.equal(got, want):
+        diff = got.double() != want.double()
+        worst = (got.double() - want.double()).abs().max().item()
+        raise AssertionError(f"{int(diff.sum())} of {got.numel()} elements differ from the reference, "
+                             f"up to {worst:.3g} (first at index {int(diff.nonzero()[0, 0])})")
 
 
-def _tol(dtype):
-    # fp32 maths in both; a 16-bit result may differ by one rounding (FMA vs separate ops).
-    return {torch.float32: (2e-6, 1e-6), torch.float64: (1e-12, 1e-13),
-            torch.bfloat16: (2 ** -7, 1e-6), torch.float16: (2 ** -10, 1e-6)}[dtype]
-
-
-def assert_close(got, want, dtype=None):
-    dtype = dtype or want.dtype
-    rtol, atol = _tol(dtype)
-    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=rtol, atol=atol)
+def assert_sums(got, want):
+    """Sums agree to rounding: fp64 sums to ~1e-12, fp32 ones to ~1e-5; same dtype and shape."""
+    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape, want.dtype, want.shape)
+    tol = 1e-12 if want.dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.cpu(), want, rtol=tol, atol=tol)
 
 
 def _rand(n, dtype, device, seed, positive=False):
@@ -76,16 +82,16 @@ def test_segment_sumsq(backend, dtype, n):
         for weight, eta in ((None, 0.0), (w, 0.0), (w, 0.01), (w, 0.5)):
             got = _ops(backend).segment_sumsq(x, bounds, weight, eta)
             want = R.segment_sumsq(x.cpu(), bounds, None if weight is None else weight.cpu(), eta)
-            assert got.dtype == torch.float32 and got.shape == (len(bounds) - 1,)
-            torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+            assert want.dtype == _maths(dtype) and want.shape == (len(bounds) - 1,)
+            assert_sums(got, want)
 
 
 def test_segment_sumsq_eta_is_asam_t():
     """The oracle: with a weight, the sums are of ``(|w| + eta) * x``; eta defaults to 0."""
     x, w = torch.randn(50, dtype=torch.float64), torch.randn(50, dtype=torch.float64)
     want = ((w.abs() + 0.25) * x).pow(2)
-    torch.testing.assert_close(R.segment_sumsq(x, [0, 20, 50], w, 0.25).double(),
-                               torch.stack([want[:20].sum(), want[20:].sum()]))
+    torch.testing.assert_close(R.segment_sumsq(x, [0, 20, 50], w, 0.25),
+                               torch.stack([want[:20].sum(), want[20:].sum()]), rtol=1e-14, atol=0)
     assert torch.equal(R.segment_sumsq(x, [0, 50], w), R.segment_sumsq(x, [0, 50], w, 0.0))
 
 
@@ -98,9 +104,8 @@ def test_segment_gram(backend, dtype, n):
     for bounds in _layouts(n):
         got = _ops(backend).segment_gram(a, b, bounds)
         want = R.segment_gram(a.cpu(), b.cpu(), bounds)
-        wide = dtype == torch.float64
-        assert got.dtype == (torch.float64 if wide else torch.float32) and got.shape == (len(bounds) - 1, 3)
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-12 if wide else 1e-5, atol=1e-12 if wide else 1e-5)
+        assert want.dtype == _maths(dtype) and want.shape == (len(bounds) - 1, 3)
+        assert_sums(got, want)
         assert torch.equal(a.cpu(), _rand(n, dtype, "cpu", 31))        # inputs are not written
 
 
@@ -128,10 +133,10 @@ def test_segment_axpby(backend, dtype, n):
                 alpha[0] = 1.0                   # LookSAM's reuse form: y + beta * x
             got = _ops(backend).segment_axpby(y, x, alpha.to(dev), beta.to(dev), bounds)
             want = R.segment_axpby(y_ref, x_ref, alpha, beta, bounds)
-            assert_close(y, y_ref)
+            assert_same(y, y_ref)
             assert torch.equal(x.cpu(), x_ref)
-            assert got.dtype == torch.float32 and got.shape == (nseg,)
-            torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+            assert want.dtype == _maths(dtype) and want.shape == (nseg,)
+            assert_sums(got, want)
 
 
 def test_segment_axpby_oracle():
@@ -139,7 +144,8 @@ def test_segment_axpby_oracle():
     want = torch.cat([-0.5 * y[:10] + 2.0 * x[:10], y[10:] + 0.25 * x[10:]])
     sums = R.segment_axpby(y, x, torch.tensor([-0.5, 1.0]), torch.tensor([2.0, 0.25]), [0, 10, 30])
     torch.testing.assert_close(y, want)
-    torch.testing.assert_close(sums.double(), torch.stack([want[:10] @ want[:10], want[10:] @ want[10:]]))
+    assert sums.dtype == torch.float64
+    torch.testing.assert_close(sums, torch.stack([want[:10] @ want[:10], want[10:] @ want[10:]]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -150,17 +156,34 @@ def test_perturb(backend, dtype, n, adaptive, eta):
     dev = _device_for(backend)
     p, p_ref = _pair(n, dtype, dev, 3)
     g, g_ref = _pair(n, dtype, dev, 4)
-    scale = torch.tensor(0.037, device=dev)
+    scale = torch.tensor(0.037, dtype=_maths(dtype), device=dev)
     backup, backup_ref = torch.empty_like(p), torch.empty_like(p_ref)
     keep, keep_ref = torch.empty_like(p), torch.empty_like(p_ref)
     for _ in range(2):             # twice in a row: the second call starts from the first's result
         _ops(backend).perturb(p, g, scale, backup, adaptive, keep, eta)
         R.perturb(p_ref, g_ref, scale.cpu(), backup_ref, adaptive, keep_ref, eta)
-        assert_close(p, p_ref)
+        assert_same(p, p_ref)
         assert torch.equal(backup.cpu(), backup_ref) and torch.equal(keep.cpu(), g_ref)
     _ops(backend).perturb(p, g, scale, backup, adaptive, None, eta)      # grad_keep is optional
     R.perturb(p_ref, g_ref, scale.cpu(), backup_ref, adaptive, None, eta)
-    assert_close(p, p_ref)
+    assert_same(p, p_ref)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b.values[0] for b in BACKENDS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_perturb_refuses_a_scale_not_in_the_maths_dtype(backend, dtype):
+    """An fp32 scale for an fp64 buffer would cut rho / (norm + eps) to 24 bits (and an fp64 one
+    for an fp32 buffer is a caller's mix-up): a clear error naming scale, nothing written."""
+    if backend == "none":
+        pytest.skip("only the reference backend is built")
+    dev = _device_for(backend)
+    wrong = torch.float32 if dtype == torch.float64 else torch.float64
+    p = _rand(5, dtype, dev, 3)
+    before = p.clone()
+    with pytest.raises((ValueError, RuntimeError), match="scale"):
+        backend_module(backend).perturb(p, _rand(5, dtype, dev, 4), torch.tensor(0.5, dtype=wrong, device=dev),
+                                        torch.empty_like(p), False, None, 0.0)
+    assert torch.equal(p, before)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -176,9 +199,9 @@ def test_restore_psf_stats(backend, dtype, n):
         got = _ops(backend).restore_psf_stats(p, backup, gs, psf, stat_start)
         want = R.restore_psf_stats(p_ref, backup_ref, gs_ref, psf_ref, stat_start)
         assert torch.equal(p.cpu(), backup_ref)
-        assert_close(psf, psf_ref)
-        assert got.dtype == torch.float32 and got.shape == (2,)
-        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+        assert_same(psf, psf_ref)
+        assert want.dtype == _maths(dtype) and want.shape == (2,)
+        assert_sums(got, want)
         assert _ops(backend).restore_psf_stats(p, backup, gs, None, stat_start) is None
 
 
@@ -192,7 +215,7 @@ def test_reuse(backend, dtype, n):
     for a in (1, 2, 3):
         _ops(backend).reuse(g, psf, 0.7 ** a)
         R.reuse(g_ref, psf_ref, 0.7 ** a)
-        assert_close(g, g_ref)
+        assert_same(g, g_ref)
 
 
 SGD_CONFIGS = [
@@ -233,15 +256,15 @@ def test_sgd_step(backend, dtype, n, mode, cfg):
                 hp["nesterov"], hp["maximize"], step == 0)
         got = _ops(backend).sgd_step(p, g, buf, _split(psf, 0), _split(backup, 0), *args)
         want = R.sgd_step(p_ref, g_ref, buf_ref, _split(psf, 1), _split(backup, 1), *args)
-        assert_close(p, p_ref)
+        assert_same(p, p_ref)
         if buf is not None:
-            assert_close(buf, buf_ref)
+            assert_same(buf, buf_ref)
         if psf is not None:
-            assert_close(psf[0], psf[1])
+            assert_same(psf[0], psf[1])
         assert torch.equal(g.cpu(), g_ref)          # the grad buffer is not written
         assert (got is None) == (want is None)
         if want is not None:
-            torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+            assert_sums(got, want)
 
 
 ADAMW_CONFIGS = [
@@ -267,12 +290,12 @@ def test_adamw_step(backend, dtype, n, mode, cfg):
                 hp["maximize"])
         got = _ops(backend).adamw_step(p, g, m, v, _split(psf, 0), _split(backup, 0), *args)
         want = R.adamw_step(p_ref, g_ref, m_ref, v_ref, _split(psf, 1), _split(backup, 1), *args)
-        assert_close(p, p_ref)
-        assert_close(m, m_ref)
-        assert_close(v, v_ref)
+        assert_same(p, p_ref)
+        assert_same(m, m_ref)
+        assert_same(v, v_ref)
         assert (got is None) == (want is None)
         if want is not None:
-            torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+            assert_sums(got, want)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -289,24 +312,22 @@ def test_property_random_layouts(backend, data):
     seed = data.draw(st.integers(0, 2 ** 16))
     x, x_ref = _pair(n, dtype, dev, seed)
     w, w_ref = _pair(n, dtype, dev, seed + 1)
-    torch.testing.assert_close(_ops(backend).segment_sumsq(x, bounds, w, 0.01).cpu(),
-                               R.segment_sumsq(x_ref, bounds, w_ref, 0.01), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(_ops(backend).segment_gram(x, w, bounds).cpu(),
-                               R.segment_gram(x_ref, w_ref, bounds), rtol=1e-5, atol=1e-5)    # dtype checked too
+    assert_sums(_ops(backend).segment_sumsq(x, bounds, w, 0.01), R.segment_sumsq(x_ref, bounds, w_ref, 0.01))
+    assert_sums(_ops(backend).segment_gram(x, w, bounds), R.segment_gram(x_ref, w_ref, bounds))
     coeffs = [_rand(len(sizes), torch.float64 if dtype == torch.float64 else torch.float32, "cpu", seed + k)
               for k in (4, 5)]
     y, y_ref = _pair(n, dtype, dev, seed + 6)
-    torch.testing.assert_close(_ops(backend).segment_axpby(y, x, *[c.to(dev) for c in coeffs], bounds).cpu(),
-                               R.segment_axpby(y_ref, x_ref, *coeffs, bounds), rtol=1e-5, atol=1e-5)
-    assert_close(y, y_ref)
+    assert_sums(_ops(backend).segment_axpby(y, x, *[c.to(dev) for c in coeffs], bounds),
+                R.segment_axpby(y_ref, x_ref, *coeffs, bounds))
+    assert_same(y, y_ref)
     stat_start = data.draw(st.sampled_from(bounds))
     p, p_ref = _pair(n, dtype, dev, seed + 2)
     gs, gs_ref = _pair(n, dtype, dev, seed + 3)
     got = _ops(backend).sgd_step(p, gs, None, x, w, 0.0, stat_start, 0.1, 0.0, 0.0, 0.0, False, False, True)
     want = R.sgd_step(p_ref, gs_ref, None, x_ref, w_ref, 0.0, stat_start, 0.1, 0.0, 0.0, 0.0, False, False, True)
-    assert_close(p, p_ref)
-    assert_close(x, x_ref)
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+    assert_same(p, p_ref)
+    assert_same(x, x_ref)
+    assert_sums(got, want)
 
 
 def test_reference_matches_torch_optimizers_in_float64():

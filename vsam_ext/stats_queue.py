@@ -28,9 +28,10 @@ class DeferredStats:
         return self.count >= self.capacity
 
     def push(self, pair: torch.Tensor) -> None:
-        """Queue a 2-element fp32 device tensor. The caller drains before it is full."""
+        """Queue a 2-element device tensor (fp32, or fp64 for fp64 models: the host slots take
+        the first pair's dtype, so the copy is a plain memcpy). The caller drains before it is full."""
         if self._host is None:
-            self._host = torch.empty(self.capacity, 2, dtype=torch.float32,
+            self._host = torch.empty(self.capacity, 2, dtype=pair.dtype,
                                      pin_memory=pair.device.type == "cuda")
         if pair.device.type == "cuda":
             self._host[self.count].copy_(pair, non_blocking=True)

@@ -1,7 +1,11 @@
 """The reference backend: plain eager PyTorch on the flat buffers.
 
 This is the oracle every fused backend is tested against, so it stays simple and obviously
-right: maths in fp32 (fp64 for fp64 buffers), one rounding when a 16-bit result is written.
+right: maths in fp32 (fp64 for fp64 buffers), one rounding per stored result, every operation
+on its own (torch runs ``a * b + c`` as two ops: no fused multiply-add), in the order written
+here. Its element-wise results on CPU tensors define the bits that every backend must give
+(ALGORITHMS.md, "Precision of the scalars"). Scalars (sums, norms, statistics) come back in the
+maths dtype: fp32, fp64 for fp64 buffers.
 Every backend module provides these functions with these signatures:
 
 * ``segment_sumsq``      per-segment (per-tensor) sums of squares: the multi-tensor L2 norm
@@ -19,6 +23,7 @@ import math
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["segment_sumsq", "segment_gram", "segment_axpby", "perturb", "restore_psf_stats", "reuse", "sgd_step", "adamw_step"]
@@ -28,21 +33,38 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def maths_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the maths and the scalars of a buffer of ``dtype`` are in: fp64 for fp64
+    buffers, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded (IEEE 754) square root, what every backend's kernels compute. torch's
+    CPU ``sqrt`` is not: on an AVX2 host (torch 2.13) 17 % of fp32 and 1.3 % of fp64 results were
+    1 ulp off, so on CPU tensors numpy's (the processor's sqrt instruction) is used; CUDA's
+    ``sqrt`` is correctly rounded."""
+    if x.device.type != "cpu":
+        return x.sqrt()
+    return torch.from_numpy(np.sqrt(x.detach().contiguous().numpy()))
+
+
 def _sumsq(x: torch.Tensor) -> torch.Tensor:
     x = _wide(x)
-    return (x * x).sum().float()   # torch's cascade summation: accurate enough for an oracle
+    return (x * x).sum()   # in the maths dtype; torch's cascade summation: accurate enough for an oracle
 
 
 def segment_sumsq(x: torch.Tensor, bounds: Sequence[int],
                   weight: Optional[torch.Tensor] = None, eta: float = 0.0) -> torch.Tensor:
     """Per-segment sums of squares of ``x`` (of ``(|weight| + eta) * x`` when ``weight`` is
-    given: ASAM's ``T g``), in fp32.
+    given: ASAM's ``T g``), shape ``(segments,)``, in fp32 (fp64 for fp64 buffers).
 
     ``bounds`` are the segment boundaries: segment i is ``x[bounds[i]:bounds[i+1]]``."""
+    out = maths_dtype(x.dtype)
     if weight is not None:
         x = (_wide(weight).abs() + eta) * _wide(x)
     sums = [_sumsq(x[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-    return torch.stack(sums) if sums else torch.zeros(0, device=x.device)
+    return torch.stack(sums) if sums else torch.zeros(0, dtype=out, device=x.device)
 
 
 def segment_gram(a: torch.Tensor, b: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
@@ -58,26 +80,37 @@ def segment_gram(a: torch.Tensor, b: torch.Tensor, bounds: Sequence[int]) -> tor
 def segment_axpby(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
                   bounds: Sequence[int]) -> torch.Tensor:
     """Per segment s: ``y <- alpha[s] * y + beta[s] * x`` (``alpha``, ``beta``: device tensors
-    of one value per segment, in the maths dtype: fp32, fp64 for fp64 buffers). Returns the fp32
-    per-segment sums of squares of the new ``y`` (as stored, i.e. after rounding)."""
+    of one value per segment, in the maths dtype: fp32, fp64 for fp64 buffers). Returns the
+    per-segment sums of squares of the new ``y`` (as stored, i.e. after rounding), in the maths
+    dtype."""
     sums = []
     for s, (i, j) in enumerate(zip(bounds[:-1], bounds[1:])):
         yw, xw = _wide(y[i:j]), _wide(x[i:j])
         y[i:j].copy_(alpha[s].to(yw.dtype) * yw + beta[s].to(yw.dtype) * xw)
         sums.append(_sumsq(y[i:j]))
-    return torch.stack(sums) if sums else torch.zeros(0, device=y.device)
+    return torch.stack(sums) if sums else torch.zeros(0, dtype=maths_dtype(y.dtype), device=y.device)
+
+
+def check_scale(scale: torch.Tensor, param: torch.Tensor) -> None:
+    """``scale`` of ``perturb``: one value in ``param``'s maths dtype on ``param``'s device."""
+    want = maths_dtype(param.dtype)
+    if scale.numel() != 1 or scale.dtype != want or scale.device != param.device:
+        raise ValueError(f"perturb: scale must be one {want} value on {param.device} (the maths dtype of a "
+                         f"{param.dtype} buffer), got {scale.numel()} {scale.dtype} value(s) on {scale.device}")
 
 
 def perturb(param: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, backup: torch.Tensor,
             adaptive: bool, grad_keep: Optional[torch.Tensor] = None, eta: float = 0.0) -> None:
     """SAM/ASAM ascent: ``backup <- param``; ``param <- param + scale * T^2 * grad`` with
-    ``T = |param| + eta`` when adaptive, else 1. ``scale`` is a 0-d fp32 device tensor
-    (rho / (norm + eps)). When ``grad_keep`` is given, the gradient is copied into it."""
+    ``T = |param| + eta`` when adaptive, else 1. ``scale`` is a 0-d device tensor in the maths
+    dtype (fp32; fp64 for fp64 buffers): rho / (norm + eps). When ``grad_keep`` is given, the
+    gradient is copied into it."""
+    check_scale(scale, param)
     backup.copy_(param)
     if grad_keep is not None:
         grad_keep.copy_(grad)
     w, g = _wide(param), _wide(grad)
-    step = g * scale.to(w.dtype)
+    step = g * scale
     if adaptive:
         t = w.abs() + eta
         step = step * t * t
@@ -87,8 +120,8 @@ def perturb(param: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, backup
 def restore_psf_stats(param: torch.Tensor, backup: torch.Tensor, grad_sam: torch.Tensor,
                       psf: Optional[torch.Tensor], stat_start: int) -> Optional[torch.Tensor]:
     """After the second backward: ``param <- backup``. When ``psf`` is given it holds the first
-    gradient ``g``; it becomes ``PSF = grad_sam - g``, and the result is the fp32 pair
-    (sum g^2, sum PSF^2) over the elements ``[stat_start:]``."""
+    gradient ``g``; it becomes ``PSF = grad_sam - g``, and the result is the pair
+    (sum g^2, sum PSF^2) over the elements ``[stat_start:]`` in the maths dtype."""
     param.copy_(backup)
     if psf is None:
         return None
@@ -152,6 +185,6 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     step_size = lr / (1.0 - beta1 ** step)
-    denom = v.sqrt() / math.sqrt(1.0 - beta2 ** step) + eps
+    denom = sqrt_rn(v) / math.sqrt(1.0 - beta2 ** step) + eps
     param.copy_(w - step_size * m / denom)
     return stats

@@ -32,6 +32,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from .reference import check_scale
+
 try:
     import triton
     import triton.language as tl
@@ -77,6 +79,22 @@ def _rounded(x, ptr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536       # -65536 == 0xFFFF0000
         x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
     return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _div_rn(a, b):
+    """``a / b`` correctly rounded: in fp32 ``/`` is the fast, approximate division on a GPU."""
+    if a.dtype == tl.float32:
+        return tl.div_rn(a, b)
+    return a / b            # fp64: IEEE division
+
+
+@triton.jit
+def _sqrt_rn(x):
+    """The correctly rounded square root: in fp32 ``tl.sqrt`` is the fast, approximate one."""
+    if x.dtype == tl.float32:
+        return tl.sqrt_rn(x)
+    return tl.sqrt(x)       # fp64: IEEE square root
 
 
 def _f32(v: float) -> float:
@@ -245,9 +263,9 @@ def _segment_reduce_kernel(part_ptr, table_ptr, out_ptr, nblocks, K: tl.constexp
 
 
 def _segment_sums(kernel, args, x: torch.Tensor, table: torch.Tensor, nseg: int, nblocks: int,
-                  k: int, out_dtype: torch.dtype = torch.float32, **meta) -> torch.Tensor:
+                  k: int, out_dtype: torch.dtype, **meta) -> torch.Tensor:
     """Launch ``kernel(*args, table, partials, nseg, nblocks)`` on every (segment, block), then the
-    fixed-order reduction: the ``(nseg, k)`` sums (fp32 unless ``out_dtype``)."""
+    fixed-order reduction: the ``(nseg, k)`` sums in ``out_dtype``."""
     partials = torch.empty((k, nblocks), dtype=_acc_torch(x.dtype), device=x.device)
     out = torch.empty((nseg, k), dtype=out_dtype, device=x.device)
     with _device_ctx(x):
@@ -259,13 +277,14 @@ def _segment_sums(kernel, args, x: torch.Tensor, table: torch.Tensor, nseg: int,
 def segment_sumsq(x: torch.Tensor, bounds: Sequence[int],
                   weight: Optional[torch.Tensor] = None, eta: float = 0.0) -> torch.Tensor:
     """Per-segment sums of squares of ``x`` (of ``(|weight| + eta) * x`` when ``weight`` is
-    given: ASAM's ``T g``), in fp32."""
+    given: ASAM's ``T g``), in fp32 (fp64 for fp64 buffers)."""
     _check(x, weight=weight)
+    out = _acc_torch(x.dtype)
     nseg, table, nblocks, block = _segments(x, bounds)
     if table is None:                                   # no segment, all empty, or n == 0
-        return torch.zeros(nseg, dtype=torch.float32, device=x.device)
+        return torch.zeros(nseg, dtype=out, device=x.device)
     args = (x, x if weight is None else weight, *_split(eta, x.dtype == torch.float64))
-    return _segment_sums(_segment_partials_kernel, args, x, table, nseg, nblocks, 1,
+    return _segment_sums(_segment_partials_kernel, args, x, table, nseg, nblocks, 1, out_dtype=out,
                          KIND=_SUMSQ if weight is None else _SUMSQ_T, BLOCK=block).view(nseg)
 
 
@@ -307,7 +326,8 @@ def segment_axpby(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, beta: t
                   bounds: Sequence[int]) -> torch.Tensor:
     """Per segment s: ``y <- alpha[s] * y + beta[s] * x`` (``alpha``, ``beta``: one value per
     segment on the buffers' device, in the maths dtype — fp32, fp64 for fp64 buffers — read by
-    the kernel). Returns the fp32 per-segment sums of squares of the new ``y`` as stored.
+    the kernel). Returns the per-segment sums of squares of the new ``y`` as stored, in the maths
+    dtype.
     Segments must not overlap."""
     _check(y, x=x)
     nseg = max(len(bounds) - 1, 0)
@@ -318,9 +338,9 @@ def segment_axpby(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, beta: t
                              f"{t.numel()} {t.dtype} values on {t.device}")
     nseg, table, nblocks, block = _segments(y, bounds)
     if table is None:
-        return torch.zeros(nseg, dtype=torch.float32, device=y.device)
+        return torch.zeros(nseg, dtype=want, device=y.device)
     return _segment_sums(_axpby_kernel, (y, x, alpha.contiguous(), beta.contiguous()), y, table, nseg,
-                         nblocks, 1, BLOCK=block).view(nseg)
+                         nblocks, 1, out_dtype=want, BLOCK=block).view(nseg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,10 +369,10 @@ def _perturb_kernel(p_ptr, g_ptr, scale_ptr, backup_ptr, keep_ptr, n, eta_hi, et
 
 def perturb(param: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, backup: torch.Tensor,
             adaptive: bool, grad_keep: Optional[torch.Tensor] = None, eta: float = 0.0) -> None:
-    """SAM/ASAM ascent (see ``reference.perturb``); ``scale`` is read on the device."""
+    """SAM/ASAM ascent (see ``reference.perturb``); ``scale`` (the maths dtype) is read on the
+    device."""
     _check(param, grad=grad, backup=backup, grad_keep=grad_keep)
-    if scale.device != param.device or scale.numel() != 1:
-        raise ValueError("perturb: scale must be a one-element tensor on the buffers' device")
+    check_scale(scale, param)
     n = param.numel()
     if n == 0:
         return
@@ -402,17 +422,17 @@ def _stats_scratch(n: int, block: int, dtype: torch.dtype, device: torch.device)
 
 
 def _reduce_stats(partials: torch.Tensor) -> torch.Tensor:
-    return partials.sum(dim=1).to(torch.float32)       # fixed-order device reduction, no sync
+    return partials.sum(dim=1)       # fixed-order device reduction, no sync; in the maths dtype
 
 
 def restore_psf_stats(param: torch.Tensor, backup: torch.Tensor, grad_sam: torch.Tensor,
                       psf: Optional[torch.Tensor], stat_start: int) -> Optional[torch.Tensor]:
-    """``param <- backup``; with ``psf``: ``psf <- grad_sam - psf`` and the fp32 pair
+    """``param <- backup``; with ``psf``: ``psf <- grad_sam - psf`` and the pair (maths dtype)
     (sum g^2, sum PSF^2) over ``[stat_start:]`` (see ``reference.restore_psf_stats``)."""
     _check(param, backup=backup, grad_sam=grad_sam, psf=psf)
     n = param.numel()
     if n == 0:
-        return None if psf is None else torch.zeros(2, dtype=torch.float32, device=param.device)
+        return None if psf is None else torch.zeros(2, dtype=_acc_torch(param.dtype), device=param.device)
     block = _block(n)
     partials = _stats_scratch(n, block, param.dtype, param.device) if psf is not None else param
     with _device_ctx(param):
@@ -539,7 +559,7 @@ def sgd_step(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: Optional[
     mode = _mode(psf, backup, coeff)
     n = param.numel()
     if n == 0:
-        return torch.zeros(2, dtype=torch.float32, device=param.device) if mode == _RESTORE_PSF else None
+        return torch.zeros(2, dtype=_acc_torch(param.dtype), device=param.device) if mode == _RESTORE_PSF else None
     block = _block(n)
     partials = _stats_scratch(n, block, param.dtype, param.device) if mode == _RESTORE_PSF else param
     wide = param.dtype == torch.float64
@@ -585,8 +605,8 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, psf_ptr, backup_ptr, part_ptr, n, 
     v = beta2 * v + one_minus_beta2 * d * d
     tl.store(m_ptr + offs, _rounded(m, m_ptr), mask=mask)
     tl.store(v_ptr + offs, _rounded(v, v_ptr), mask=mask)
-    denom = tl.sqrt(v) / bc2_sqrt + eps
-    tl.store(p_ptr + offs, _rounded(w - step_size * m / denom, p_ptr), mask=mask)
+    denom = _div_rn(_sqrt_rn(v), bc2_sqrt) + eps
+    tl.store(p_ptr + offs, _rounded(w - _div_rn(step_size * m, denom), p_ptr), mask=mask)
 
 
 def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
@@ -600,7 +620,7 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     mode = _mode(psf, backup, coeff)
     n = param.numel()
     if n == 0:
-        return torch.zeros(2, dtype=torch.float32, device=param.device) if mode == _RESTORE_PSF else None
+        return torch.zeros(2, dtype=_acc_torch(param.dtype), device=param.device) if mode == _RESTORE_PSF else None
     block = _block(n)
     # every scalar on the host, in Python floats, as the reference computes them
     decay = 1.0 - lr * float(weight_decay)

@@ -33,6 +33,15 @@ from ._fused_base import fused_base_for
 __all__ = ["TwoPassOptimizer"]
 
 EPS = 1e-12
+
+
+def on_one_device(scalars: List[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+    """Per-buffer scalars moved to ``device`` (non-blocking) in the widest of their dtypes (fp64
+    when any buffer is fp64), ready to be added up."""
+    dtype = torch.float32
+    for s in scalars:
+        dtype = torch.promote_types(dtype, s.dtype)
+    return [s.to(device, dtype, non_blocking=True) for s in scalars]
 _FORMAT = 1
 
 
@@ -254,8 +263,9 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             self.zero_grad()
 
     def _grad_sumsq(self, scaled: bool = True) -> torch.Tensor:
-        """``||T g||^2`` over every buffer (``T = 1`` unless ``scaled`` and ASAM), a 0-d fp32
-        tensor on the first buffer's device: no host sync."""
+        """``||T g||^2`` over every buffer (``T = 1`` unless ``scaled`` and ASAM), a 0-d tensor
+        on the first buffer's device (no host sync), in the maths dtype: fp32, fp64 when a buffer
+        is fp64 (ALGORITHMS.md, "Precision of the scalars")."""
         bufs = self.flat.buffers
         home = bufs[0].device
         sums = []
@@ -266,7 +276,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                                  f"it decides the buffer layout, so build a new optimizer")
             weight = b.param if scaled and b.scaled else None
             sums.append(self._ops.segment_sumsq(b.grad, [0, b.numel], weight, group["eta"]))
-        return torch.cat([s.to(home, non_blocking=True) for s in sums]).sum()
+        return torch.cat(on_one_device(sums, home)).sum()
 
     def _perturb(self, norm: Optional[torch.Tensor] = None, radius_factor: float = 1.0) -> None:
         """``w <- w + rho * T^2 g / (||T g|| + eps)`` on every buffer (``radius_factor``
@@ -276,7 +286,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         keep = self._keeps_grad
         for b in self.flat.buffers:
             group = self.param_groups[b.group_index]
-            scale = (group["rho"] * radius_factor / (norm + EPS)).to(b.device, non_blocking=True)
+            scale = (group["rho"] * radius_factor / (norm + EPS)).to(b.device, ops.reference.maths_dtype(b.dtype),
+                                                                     non_blocking=True)
             if b.backup is None:
                 b.backup = b.new_buffer()
             if keep and b.psf is None:

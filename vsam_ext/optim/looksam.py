@@ -8,6 +8,7 @@ import torch
 
 from ..arguments import check
 from ..controller import Periodic
+from ..ops.reference import maths_dtype
 from ._driver import EPS, TwoPassOptimizer
 
 __all__ = ["LookSAM"]
@@ -15,7 +16,7 @@ __all__ = ["LookSAM"]
 
 def _maths_dtype(b) -> torch.dtype:
     """The ops' coefficient dtype for a buffer: fp64 for fp64 buffers, else fp32."""
-    return torch.float64 if b.dtype == torch.float64 else torch.float32
+    return maths_dtype(b.dtype)
 
 
 class LookSAM(TwoPassOptimizer):

@@ -10,7 +10,7 @@ import torch
 from ..arguments import check
 from ..controller import VSAMController
 from ..stats_queue import DeferredStats
-from ._driver import TwoPassOptimizer
+from ._driver import TwoPassOptimizer, on_one_device
 
 __all__ = ["VSAM"]
 
@@ -40,7 +40,7 @@ class VSAM(TwoPassOptimizer):
 
     def _record_psf(self, pairs) -> None:
         home = self.flat.buffers[0].device
-        sums = torch.stack([x.to(home, non_blocking=True) for x in pairs]).sum(0)
+        sums = torch.stack(on_one_device(pairs, home)).sum(0)
         if self._pending.full():
             self._feed_stats()
         self._pending.push(sums)
