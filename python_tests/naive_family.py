@@ -42,7 +42,8 @@ Spec readings taken where the text leaves room (marked "READING" in the code):
       (no draw when beta == 1); tensor i is kept iff ``u[i] < beta``.  If every tensor is
       dropped, the first-pass loss has no graph: no backward, g = 0, e = 0.
       ``k = ceil(gamma * B)`` with ``B = len(l0)``; ``d = l1 - l0`` in the loss dtype;
-      ``idx = torch.topk(d, k).indices`` sorted ascending.  Returned loss: ``l0.mean()``.
+      ``idx`` = the k positions with the largest d, ties to the lower position (ALGORITHMS.md's
+      tie rule), sorted ascending.  Returned loss: ``l0.mean()``.
 * F7  AUSAM: ``epoch = samples_before // N`` with ``samples_before`` the sum of full batch
       sizes (not of the selected subsets) over all earlier steps; the ramp uses Python floats;
       ``s``, ``p`` are float64; ``k = ceil(alpha * B)``; when the draw is taken the
@@ -419,7 +420,9 @@ class NaiveESAM:
                 l1, _ = per_sample_pass(params, closure, None, backward=False)
                 k = math.ceil(self.gamma * B)
                 d = l1 - l0
-                idx = torch.topk(d, k).indices.sort().values
+                # largest rise first, ties to the lower position: a plain Python sort by key
+                ranked = sorted(range(B), key=lambda i: (-float(d[i]), i))
+                idx = torch.tensor(sorted(ranked[:k]), dtype=torch.long, device=d.device)
             else:
                 l1, idx = None, None
             # 5. second pass at w + e on the selected samples

@@ -116,7 +116,9 @@ class ESAM(TwoPassOptimizer):
     def select(self, loss0: torch.Tensor, loss_perturbed: torch.Tensor) -> Optional[torch.Tensor]:
         """SDS: the positions (sorted) of the ``ceil(gamma * B)`` samples whose loss rose most
         from ``loss0`` (at ``w``) to ``loss_perturbed`` (at ``w + e``); ``None`` when
-        ``gamma == 1``."""
+        ``gamma == 1``. Ties go to the lower batch position (a stable descending sort), so the
+        choice is the same on every device (ALGORITHMS.md, ESAM; ``topk`` picks ties differently
+        on CUDA and CPU): a step whose SWP kept no tensor (all rises 0) keeps the first ``k``."""
         if loss0.shape != loss_perturbed.shape or loss0.dim() != 1:
             raise ValueError(f"select(): loss0 and loss_perturbed must be per-sample losses of one shape [B], "
                              f"got {tuple(loss0.shape)} and {tuple(loss_perturbed.shape)}")
@@ -125,7 +127,8 @@ class ESAM(TwoPassOptimizer):
             return None
         k = math.ceil(self.gamma * loss0.numel())
         self.sample_fraction = k / loss0.numel()
-        return torch.topk(loss_perturbed.detach() - loss0.detach(), k).indices.sort().values
+        rise = loss_perturbed.detach() - loss0.detach()
+        return torch.sort(rise, descending=True, stable=True).indices[:k].sort().values
 
     @property
     def stats(self):
