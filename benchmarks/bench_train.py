@@ -28,7 +28,15 @@ cost nothing more than torch's. ``AIS / ideal AIS`` below 1 is the optimizer's o
 Warm-up steps (cuDNN autotuning, the DataLoader's workers starting) are excluded from the
 timing; the timed run is ``--steps`` steps.
 
+``--fixed-batch``: no DataLoader. One batch (augmented and normalised as above) is made once on
+the device and every step reuses it, so the model and the optimizer, not the loader, set the
+time: the optimizer's own cost is what is left between a method and its ideal. (On an H200 the
+4-worker loader set most of the default mode's gaps at ResNet-18.) AUSAM still counts its
+epochs against ``--dataset-size`` samples. Its outputs are ``bench_train_fixed_<device>.*`` and
+its ``--results-md`` section is ``bench_train_fixed <device>``, apart from the loader mode's.
+
     python benchmarks/bench_train.py --device cuda --repeats 3
+    python benchmarks/bench_train.py --device cuda --fixed-batch --models resnet18 --steps 200 --repeats 2
     python benchmarks/bench_train.py --quick          # CPU smoke run: ResNet-18, batch 8, 3 steps
 """
 from __future__ import annotations
@@ -104,13 +112,32 @@ def make_loader(args, device) -> torch.utils.data.DataLoader:
                                        persistent_workers=args.workers > 0)
 
 
-def batches(loader, device):
+def _normalise(x: torch.Tensor, device) -> torch.Tensor:
     mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    return x.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
+
+
+def batches(loader, device):
+    """Batches from ``loader``, or, for ``--fixed-batch`` (``loader`` a ``(x, y, idx)`` tuple
+    already on the device), that one batch forever."""
+    if isinstance(loader, tuple):
+        while True:
+            yield loader
     while True:
         for x, y, idx in loader:
-            x = x.to(device, non_blocking=True).float().div_(255).sub_(mean).div_(std)
-            yield x, y.to(device, non_blocking=True), idx
+            yield _normalise(x, device), y.to(device, non_blocking=True), idx
+
+
+def make_fixed_batch(args, device):
+    """``--fixed-batch``: one batch of the synthetic set (its first ``--batch`` samples, augmented
+    once), normalised and put on the device once; its sample ids ``0 .. batch-1``."""
+    ds = SyntheticCIFAR(args.dataset_size)
+    torch.manual_seed(0)                                   # the augmentation draws
+    items = [ds[i] for i in range(args.batch)]
+    x = torch.stack([img for img, _ in items])
+    y = torch.stack([label for _, label in items])
+    return _normalise(x, device), y.to(device), torch.arange(args.batch)
 
 
 # -- one training step per method -------------------------------------------------------------------
@@ -272,6 +299,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1, help="runs per method, interleaved; the median AIS is kept")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 4 on cuda, 0 on cpu)")
     ap.add_argument("--dataset-size", type=int, default=None, help="synthetic images (default 50000; --quick: 512)")
+    ap.add_argument("--fixed-batch", action="store_true",
+                    help="no DataLoader: one batch made once on the device and reused every step, so the "
+                         "optimizer, not the loader, sets the time (outputs bench_train_fixed_<device>.*; "
+                         "--workers is ignored)")
     args = ap.parse_args(argv)
     device = C.setup(args)
     q = args.quick
@@ -279,12 +310,16 @@ def main(argv=None) -> int:
     args.steps = args.steps or (3 if q else 300)
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 20)
     args.workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    if args.fixed_batch:
+        args.workers = 0
     args.dataset_size = args.dataset_size or (512 if q else 50000)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     env = C.env_info(device)
+    data_note = ("one fixed batch on the device, no DataLoader" if args.fixed_batch
+                 else f"{args.workers} DataLoader workers")
     env["training"] = (f"batch {args.batch}, {args.steps} timed steps after {args.warmup} warm-up, "
-                       f"{args.repeats} run(s) per method, {args.workers} DataLoader workers, fp32, "
+                       f"{args.repeats} run(s) per method, {data_note}, fp32, "
                        f"cudnn.benchmark={torch.backends.cudnn.benchmark}")
 
     build_model, note = load_model_builder()
@@ -299,7 +334,7 @@ def main(argv=None) -> int:
         ap.error(f"--methods: unknown {bad}; known {METHODS}")
     order = sorted(methods, key=METHODS.index)       # SGDs first: sam-torch uses the faster one
 
-    loader = make_loader(args, device)
+    loader = make_fixed_batch(args, device) if args.fixed_batch else make_loader(args, device)
     rows: List[dict] = []
     for model_name in models:
         n_params = sum(p.numel() for p in build_model(model_name, num_classes=10).parameters())
@@ -315,15 +350,16 @@ def main(argv=None) -> int:
                       f"{args.batch * args.steps / res['wall_s']:.1f} img/s, {res['n_sam']} SAM steps", file=sys.stderr)
         rows += _rows(model_name, n_params, results, args, device)
 
-    base = f"bench_train_{device.type}"
+    name = "bench_train_fixed" if args.fixed_batch else "bench_train"
+    base = f"{name}_{device.type}"
     columns = ["device", "model", "params", "method", "backend", "batch", "steps", "n_sam", "ms_per_step", "ais",
                "ideal_ais", "ais_over_ideal", "overhead_pct", "x_vs_sam", "wall_s_runs"]
     C.write_csv(os.path.join(args.out, base + ".csv"), rows, columns)
-    body = _report(rows, models, device)
+    body = _report(rows, models, device, args.fixed_batch)
     print(C.env_block(env))
     print()
     print(body)
-    C.write_report(args, "bench_train", device, env, body)
+    C.write_report(args, name, device, env, body)
     if not args.no_plot:
         C.save_plot(_plot, rows, os.path.join(args.out, base + ".png"), env)
     print(f"\nwrote {os.path.join(args.out, base)}.*", file=sys.stderr)
@@ -367,8 +403,9 @@ def _rows(model_name, n_params, results, args, device) -> List[dict]:
     return rows
 
 
-def _report(rows, models, device) -> str:
-    out = ["AIS = images per second over the timed run (data loading included). Ideal = "
+def _report(rows, models, device, fixed_batch: bool = False) -> str:
+    data = ("one fixed batch on the device: no data loading" if fixed_batch else "data loading included")
+    out = [f"AIS = images per second over the timed run ({data}). Ideal = "
            "`(n - n_sam) * t_sgd + n_sam * t_sam` with the fastest torch SGD and `sam-torch` of the same run; "
            "overhead = ideal AIS / AIS - 1. `x vs sam` = speed relative to vsam_ext's SAM.", ""]
     for model in models:
