@@ -548,9 +548,10 @@ def _manual_sam_step(params_groups, loss_fn, momenta):
     """One SAM step by hand: g at w; e = rho_group g / (||g|| + 1e-12) with the norm over every
     tensor; g_s at w + e; w back; SGD (lr, momentum, weight_decay of each group) with g_s.
 
-    The norm is taken as ALGORITHMS.md says ("fp32 accumulation"), as the package does: each
-    group's (= flat buffer's) sum of squares rounded to fp32, the sum and sqrt in fp32, the
-    scale rho / (norm + eps) in fp32. (With a float64 norm the weights differ by ~1e-10.)"""
+    The norm is taken as the package takes it (ALGORITHMS.md, "Precision of the scalars"): each
+    group's (= flat buffer's) sum of squares, their sum, the sqrt and the scale
+    rho / (norm + eps) in the maths dtype, fp64 for these fp64 parameters. (With an fp32 norm,
+    as before fp64 scalars, the weights differ by ~1e-9.)"""
     params = [p for g in params_groups for p in g["params"]]
     for p in params:
         p.grad = None
@@ -559,14 +560,15 @@ def _manual_sam_step(params_groups, loss_fn, momenta):
     sums, i = [], 0
     for grp in params_groups:
         flat = torch.cat([x.reshape(-1) for x in g[i:i + len(grp["params"])]])
-        sums.append((flat * flat).sum().float())
+        sums.append((flat * flat).sum())
         i += len(grp["params"])
     norm = torch.stack(sums).sum().sqrt()
+    assert norm.dtype == D
     saved = [p.detach().clone() for p in params]
     i = 0
     with torch.no_grad():
         for grp in params_groups:
-            scale = (grp["rho"] / (norm + 1e-12)).to(D)
+            scale = grp["rho"] / (norm + 1e-12)
             for p in grp["params"]:
                 p.add_(g[i] * scale)
                 i += 1
