@@ -44,7 +44,7 @@ setup(
     description="Efficient Sharpness-Aware Minimization (SAM, vSAM, SAM-k) optimizers for PyTorch",
     packages=find_packages(include=["vsam_ext", "vsam_ext.*"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.4", "numpy"],   # numpy: the reference backend's IEEE square root
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
