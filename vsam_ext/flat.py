@@ -105,6 +105,9 @@ class FlatParams:
     def add_group(self, group_index: int, params: Sequence[torch.Tensor],
                   scaled: Optional[Callable[[torch.Tensor], bool]] = None) -> None:
         """``scaled``: ASAM's filter; the tensors it selects go to buffers of their own."""
+        # A gradient counts as received only if it existed before the flat buffer took over:
+        # the buffer gives every parameter a (zero) .grad view, which is not a gradient.
+        had_grad = {id(p): p.grad is not None for p in params}
         buckets: Dict[tuple, List[torch.Tensor]] = {}
         for p in params:
             if not p.requires_grad or id(p) in self._ids:
@@ -123,7 +126,7 @@ class FlatParams:
                 index = len(self.managed)
                 self._ids[id(p)] = index
                 self.managed.append(p)
-                self._received.append(p.grad is not None)
+                self._received.append(had_grad[id(p)])
                 self._hooks.append(p.register_hook(self._make_hook(index)))
         self._dirty = True
         self._place_stat_range()
@@ -162,6 +165,12 @@ class FlatParams:
             for i in range(len(self._received)):
                 self._received[i] = False
             self._dirty = False
+
+    def received_any(self) -> bool:
+        """Whether any gradient reached a managed parameter since the last zeroing: through
+        autograd, or as a new ``.grad`` tensor (in-place writes into the views are not seen)."""
+        return any(self._received) or any(p.grad is not view for buf in self.buffers
+                                          for p, view in zip(buf.params, buf.grad_views))
 
     def check(self) -> List[torch.Tensor]:
         """Before a step: refuse re-pointed parameters, pull in gradients that landed outside

@@ -16,6 +16,7 @@ maths lives in the backend ops (``vsam_ext.ops``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Dict, List, Optional
 
@@ -29,6 +30,7 @@ from ._amp import unscale_and_check
 from ._asam import resolve_adaptive
 from ._ddp import check_perturbation, mean_across_ranks
 from ._fused_base import fused_base_for
+from ._step_hooks import post_hooks, pre_hooks, run_as_step
 
 __all__ = ["TwoPassOptimizer"]
 
@@ -114,6 +116,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0                 # steps skipped for non-finite gradients (GradScaler)
         self._inactive: List[torch.Tensor] = []
         self._bn_flags: List[bool] = []
+        self._in_step = False                  # inside step(): torch's wrapper runs our step hooks
 
     # -- torch.optim.Optimizer plumbing --------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -140,24 +143,49 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             p.grad = None
 
     # -- the step ------------------------------------------------------------------------
+    # torch.compile would trace the host bookkeeping (the controller's decision, the PSF record)
+    # and lose attribute updates at its graph breaks; the steps run eagerly instead, so a compiled
+    # opt.step equals the eager one. A compiled model inside the closure stays compiled.
+    @torch.compiler.disable
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None, grad_scaler=None):
         """One optimizer step. ``closure`` runs forward + backward and returns the loss; it is
         called twice on a SAM step, once otherwise; the loss of the first call is returned.
 
         ``grad_scaler``: a ``torch.amp.GradScaler`` whose ``scale(loss)`` the closure
         backpropagates (fp16); a step whose gradients overflow in either pass is skipped as a
-        whole. Call ``grad_scaler.update()`` after the step (see ``_amp``)."""
+        whole. Call ``grad_scaler.update()`` after the step (see ``_amp``).
+
+        Raises ``TypeError`` without a closure, ``RuntimeError`` when the closure's backward
+        reached no parameter (nothing changed then)."""
         if closure is None:
             raise TypeError(f"{type(self).__name__}.step() needs a closure that runs forward + backward "
                             f"and returns the loss; or call first_step() / second_step() yourself "
                             f"(with a GradScaler: opt.step(closure, grad_scaler=scaler); scaler.update())")
-        closure = torch.enable_grad()(closure)
+        with self._stepping():
+            return self._step(torch.enable_grad()(closure), grad_scaler)
+
+    @contextlib.contextmanager
+    def _stepping(self):
+        """Inside ``step()``: torch's wrapper of ``step`` runs the step hooks, so
+        ``first_step``/``second_step`` do not run them again."""
+        self._in_step = True
+        try:
+            yield
+        finally:
+            self._in_step = False
+
+    def _step(self, closure: Callable[[], torch.Tensor], grad_scaler):
         self.zero_grad()
         if self._per_rank_ddp is not None:
             with self._per_rank_ddp.no_sync():
                 loss = closure()
         else:
             loss = closure()
+        if not self.flat.received_any():
+            raise RuntimeError(f"{type(self).__name__}.step(closure): no gradient reached any parameter; the "
+                               f"closure must run the forward, call loss.backward() and return the loss "
+                               f"(nothing was changed). Gradients written into .grad by hand work with "
+                               f"first_step() / second_step()")
         if not unscale_and_check(self, grad_scaler, first_pass=True):
             return self._skip(loss)
         snapshot = None
@@ -183,6 +211,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self.zero_grad()
         return loss
 
+    @torch.compiler.disable
     @torch.no_grad()
     def first_step(self, zero_grad: bool = True) -> bool:
         """After the backward at ``w``: decide this step's kind. ``True``: the weights are now
@@ -191,6 +220,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         accepted for davda54/sam compatibility; the gradients are always zeroed for pass 2.)"""
         if self._phase is not None:
             raise RuntimeError("first_step() called twice: call second_step() to finish the step first")
+        if not self._in_step:                  # the two-call form: torch's step() plumbing is ours to run
+            pre_hooks(self)
         self._inactive = self.flat.check()
         self._feed_stats(before_decide=True)
         if not self.controller.decide():
@@ -209,6 +240,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._phase = "sam"
         return True
 
+    @torch.compiler.disable
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Finish the step: restore the weights after a SAM step (or apply the cheap-step rule)
@@ -238,29 +270,39 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         if self._phase == "sam":
             _bn.unfreeze_running_stats(self._bn_modules, self._bn_flags)
             self._after_second_pass()
-            pairs = []
-            for b in self.flat.buffers:
-                psf = b.psf if wants_psf else None
-                if fused is not None:
-                    pairs.append(fused.step(self._ops, b, self.param_groups[b.group_index], psf, b.backup, 0.0))
-                else:
-                    pairs.append(self._ops.restore_psf_stats(b.param, b.backup, b.grad, psf, b.stat_start))
-            if wants_psf:
-                self._record_psf(pairs)
+
+            def passes():
+                pairs = []
+                for b in self.flat.buffers:
+                    psf = b.psf if wants_psf else None
+                    if fused is not None:
+                        pairs.append(fused.step(self._ops, b, self.param_groups[b.group_index], psf, b.backup, 0.0))
+                    else:
+                        pairs.append(self._ops.restore_psf_stats(b.param, b.backup, b.grad, psf, b.stat_start))
+                return pairs
         else:
             self._adjust_cheap_grad()
             coeff = self._reuse_coeff()
-            for b in self.flat.buffers:
-                psf = b.psf if coeff != 0.0 else None
-                if fused is not None:
-                    fused.step(self._ops, b, self.param_groups[b.group_index], psf, None, coeff)
-                elif psf is not None:
-                    self._ops.reuse(b.grad, psf, coeff)
+
+            def passes():
+                for b in self.flat.buffers:
+                    psf = b.psf if coeff != 0.0 else None
+                    if fused is not None:
+                        fused.step(self._ops, b, self.param_groups[b.group_index], psf, None, coeff)
+                    elif psf is not None:
+                        self._ops.reuse(b.grad, psf, coeff)
+        # The fused passes are the base optimizer's step: its hooks, profiling record and
+        # scheduler mark go with them, as base.step() would give them.
+        pairs = run_as_step(self.base_optimizer, passes) if fused is not None else passes()
+        if self._phase == "sam" and wants_psf:
+            self._record_psf(pairs)
         self._phase = None
         if fused is None:
             self._base_step()
         if zero_grad:
             self.zero_grad()
+        if not self._in_step:
+            post_hooks(self)
 
     def _grad_sumsq(self, scaled: bool = True) -> torch.Tensor:
         """``||T g||^2`` over every buffer (``T = 1`` unless ``scaled`` and ASAM), a 0-d tensor

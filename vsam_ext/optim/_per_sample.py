@@ -12,6 +12,7 @@ calls the closure under ``torch.no_grad()`` when it only needs the losses::
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional
 
 import torch
@@ -27,6 +28,13 @@ def per_sample_losses(opt, closure: Callable, indices: Optional[torch.Tensor], e
     """Call ``closure(indices)``, check what it returns, and when ``backward`` run the mean's
     backward (through ``grad_scaler.scale`` when given; skipped when ``allow_no_graph`` and
     nothing in the losses requires grad). Returns the detached losses."""
+    name = type(opt).__name__
+    try:
+        inspect.signature(closure).bind(indices)
+    except TypeError:
+        raise TypeError(f"{name}: the closure cannot be called as closure(indices); {_CONTRACT}") from None
+    except ValueError:
+        pass                                # no signature to read (a builtin): the call decides
     flat = opt.flat
     flat.accepting = False                  # a gradient arriving now means the closure ran backward
     try:
@@ -39,7 +47,6 @@ def per_sample_losses(opt, closure: Callable, indices: Optional[torch.Tensor], e
     finally:
         flat.accepting = True
         ran_backward, flat.late_grad = flat.late_grad, False
-    name = type(opt).__name__
     if ran_backward:
         raise RuntimeError(f"{name}: the closure ran backward itself; {_CONTRACT}")
     if not isinstance(out, torch.Tensor):

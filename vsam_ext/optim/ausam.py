@@ -101,11 +101,16 @@ class AUSAM(TwoPassOptimizer):
         self._pending = (self._batch_ids, change, copied)
         self._batch_ids = None
 
+    @torch.compiler.disable
     def step(self, closure: Optional[Callable] = None, sample_ids: Optional[torch.Tensor] = None,
              grad_scaler=None):
         if closure is None or sample_ids is None:
             raise TypeError("AUSAM.step(closure, sample_ids) needs a closure(indices) that returns per-sample "
                             "losses and the batch's dataset indices (see vsam_ext.IndexedDataset)")
+        with self._stepping():
+            return self._per_sample_step(closure, sample_ids, grad_scaler)
+
+    def _per_sample_step(self, closure: Callable, sample_ids: torch.Tensor, grad_scaler):
         seen = self.samples_seen
         positions = self.begin(sample_ids)
         expected = len(sample_ids) if positions is None else positions.numel()

@@ -59,10 +59,15 @@ class ESAM(TwoPassOptimizer):
     def _perturb(self, norm=None, radius_factor: float = 1.0) -> None:
         super()._perturb(norm, radius_factor / self.beta)
 
+    @torch.compiler.disable
     def step(self, closure: Optional[Callable] = None, grad_scaler=None):
         if closure is None:
             raise TypeError("ESAM.step() needs a closure(indices) that returns per-sample losses "
                             "(see the ESAM docstring), or use first_step() / select() / second_step()")
+        with self._stepping():
+            return self._per_sample_step(closure, grad_scaler)
+
+    def _per_sample_step(self, closure: Callable, grad_scaler):
         self.zero_grad()
         dropped = self._draw_dropped()
         self._swp_drawn = True
