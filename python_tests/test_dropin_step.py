@@ -29,13 +29,17 @@ class TwoHeads(torch.nn.Module):
         return self.head_a(h) + (self.head_b(h) if use_b else 0)
 
 
-def _two_call_step(model, opt, t, use_b):
+def _two_call(opt, loss_fn):
     """The README's two-call loop: zero_grad only after the step."""
-    x, y = batch(t, torch.float64)
-    F.cross_entropy(model(x, use_b), y).backward()
+    loss_fn().backward()
     if opt.first_step():
-        F.cross_entropy(model(x, use_b), y).backward()
+        loss_fn().backward()
     opt.second_step(zero_grad=True)
+
+
+def _two_call_step(model, opt, t, use_b=False):
+    x, y = batch(t, torch.float64)
+    _two_call(opt, lambda: F.cross_entropy(model(x, use_b) if use_b else model(x), y))
 
 
 def _torch_sgd_run(steps, use_b_on):
@@ -154,11 +158,7 @@ def test_step_hooks_of_both_optimizers_fire_once_per_step(base, kw, form):
         if form == "closure":
             opt.step(closure_for(model, opt, t, torch.float64))
         else:
-            x, y = batch(t, torch.float64)
-            F.cross_entropy(model(x), y).backward()
-            if opt.first_step():
-                F.cross_entropy(model(x), y).backward()
-            opt.second_step(zero_grad=True)
+            _two_call_step(model, opt, t)
     assert ours == {"pre": 7, "post": 7} and theirs == {"pre": 7, "post": 7}
 
 
@@ -174,11 +174,7 @@ def test_lr_schedulers_see_the_step(attach, form):
             if form == "closure":
                 opt.step(closure_for(model, opt, t, torch.float64))
             else:
-                x, y = batch(t, torch.float64)
-                F.cross_entropy(model(x), y).backward()
-                if opt.first_step():
-                    F.cross_entropy(model(x), y).backward()
-                opt.second_step(zero_grad=True)
+                _two_call_step(model, opt, t)
             sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** 2)
 
