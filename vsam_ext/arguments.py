@@ -9,10 +9,25 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
-__all__ = ["Rule", "TABLE", "check", "check_int", "check_float"]
+__all__ = ["Rule", "TABLE", "check", "check_int", "check_float", "Default", "is_default"]
 
 INF = math.inf
 Bound = Union[float, str]          # a number, or the name of another argument of the same call
+
+
+class Default(int):
+    """An int default that a constructor can tell from the same number passed by the caller:
+    ``help()`` and IDEs show the number, while ``is_default`` says that nobody chose it (vSAM's
+    ``window``, ``slices`` and ``warmup_steps``: scaled by ``total_steps`` when not chosen, and
+    named as the default when they conflict)."""
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return int.__repr__(self)
+
+
+def is_default(value) -> bool:
+    return type(value) is Default
 
 
 @dataclass(frozen=True)
@@ -77,7 +92,8 @@ TABLE: Dict[str, Dict[str, Rule]] = {
     "VSAM": dict(_COMMON, window=Rule("int", 2), slices=Rule("int", 1, "window"),
                  max_rate=Rule("float", 0.0, 1.0, low_open=True), lambdas=Rule("pair"),
                  reuse_decay=Rule("float", 0.0, 1.0, high_open=True), max_reuse=Rule("int", 0),
-                 stat_tensors=Rule("int", 1), warmup_steps=Rule("int", 0), seed=_SEED),
+                 stat_tensors=Rule("int", 1), warmup_steps=Rule("int", 0), seed=_SEED,
+                 total_steps=Rule("int", 1, optional=True)),
     "LookSAM": dict(_COMMON, k=Rule("int", 1), alpha=Rule("float", 0.0, INF, high_open=True)),
     "AESAM": dict(_COMMON, total_steps=Rule("int", 1), delta=Rule("float", 0.0, 1.0, high_open=True),
                   lambdas=Rule("pair")),

@@ -18,11 +18,17 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from typing import Deque, Iterable, List, Optional, Sequence
+from typing import Deque, Iterable, List, Optional, Sequence, Tuple
 
-from .arguments import check, check_float, check_int
+from .arguments import Default, check, check_float, check_int, is_default
 
-__all__ = ["EveryStep", "Periodic", "VSAMController", "AESAMController", "robust_var", "mean_change_rate"]
+__all__ = ["EveryStep", "Periodic", "VSAMController", "AESAMController", "robust_var", "mean_change_rate",
+           "vsam_schedule", "AUTHORS_WARMUP_STEPS"]
+
+# The authors' CIFAR warm-up: three epochs of 391 steps (batch 128).
+AUTHORS_WARMUP_STEPS = 1173
+_WINDOW, _SLICES = Default(50), Default(5)
+_WARMUP = Default(AUTHORS_WARMUP_STEPS)
 
 
 # The argument checks live in one table (vsam_ext.arguments); the old names stay for imports.
@@ -59,6 +65,21 @@ def mean_change_rate(history: Sequence[float]) -> float:
     if math.isnan(mean):          # +inf and -inf rates (overflowing finite pairs): no signal
         return 0.0
     return min(1.0, max(-1.0, mean))
+
+
+def vsam_schedule(total_steps: int, warmup_steps: Optional[int] = None, window: Optional[int] = None,
+                  warmup_frac: float = 0.1, min_windows: int = 10) -> Tuple[int, int, float]:
+    """vSAM's warm-up and window scaled to a run of ``total_steps`` optimizer steps (the rule of
+    ``VSAM(total_steps=...)`` and of the training tool): warm-up ``round(warmup_frac * total)``,
+    window K = (steps after warm-up) // ``min_windows`` clamped to [10, 50] (50: the authors'
+    CIFAR value; 10 = 2 x slices, below which the robust variance never acts). A ``warmup_steps``
+    or ``window`` given wins. Returns (warm-up, K, number of windows after warm-up)."""
+    if warmup_steps is None:
+        warmup_steps = int(round(warmup_frac * total_steps))
+    post = max(0, total_steps - warmup_steps)
+    if window is None:
+        window = min(50, max(10, post // min_windows))
+    return warmup_steps, window, post / window
 
 
 class EveryStep:
@@ -122,17 +143,34 @@ class VSAMController:
 
     wants_psf = True
 
-    def __init__(self, window: int = 50, slices: int = 5, max_rate: float = 0.8,
-                 lambdas: Sequence[float] = (0.13, 0.13), warmup_steps: int = 1173,
-                 seed: int = 0) -> None:
-        self.window = check("VSAM", "window", window)
-        self.slices = check("VSAM", "slices", slices, window=self.window)
+    def __init__(self, window: int = _WINDOW, slices: int = _SLICES, max_rate: float = 0.8,
+                 lambdas: Sequence[float] = (0.13, 0.13), warmup_steps: int = _WARMUP,
+                 seed: int = 0, *, total_steps: Optional[int] = None) -> None:
+        """``total_steps``: the run's length in optimizer steps, or None (unknown). When given,
+        the warm-up and the window that were not given are scaled to it (``vsam_schedule``);
+        without it they default to the authors' CIFAR values (1173 and 50)."""
+        self.total_steps = check("VSAM", "total_steps", total_steps)
+        window = check("VSAM", "window", window)
+        warmup = check("VSAM", "warmup_steps", warmup_steps)
+        if self.total_steps is not None:
+            warmup, window, _ = vsam_schedule(self.total_steps, None if is_default(warmup_steps) else warmup,
+                                              None if is_default(window) else window)
+        self.window = int(window)
+        self.slices = self._check_slices(slices)
         self.max_rate = check("VSAM", "max_rate", max_rate)
         if math.floor(self.window * self.max_rate) < 1:
             raise ValueError(f"max_rate: window * max_rate must be >= 1 so that a window can hold one "
-                             f"SAM step, got window={window}, max_rate={max_rate}")
+                             f"SAM step, got window={self.window}, max_rate={max_rate}")
         self.lambdas = check("VSAM", "lambdas", lambdas)
-        self.warmup_steps = check("VSAM", "warmup_steps", warmup_steps)
+        self.warmup_steps = int(warmup)
+        # Neither warmup_steps nor total_steps given: the authors' 1173 steps, said once (decide()).
+        self.warmup_is_default = self.total_steps is None and is_default(warmup_steps)
+        self._warned_warmup = False
+        if self.total_steps is not None and self.warmup_steps >= self.total_steps:
+            from ._warn import warn_user
+            warn_user(f"VSAM: warmup_steps={self.warmup_steps} >= total_steps={self.total_steps}: the whole run is "
+                      f"warm-up, i.e. plain SAM on every step; leave warmup_steps out to have it scaled to the "
+                      f"run (10 % of total_steps), or give a smaller one")
         self.seed = check("VSAM", "seed", seed)
         self.rng = random.Random(seed)
         self.t = 0            # steps taken
@@ -149,6 +187,19 @@ class VSAMController:
         self.V: Deque[float] = deque(maxlen=self.window)   # robust variance of H
         self.nonfinite_stats = 0                           # statistics pairs kept out of H, R, V
 
+    def _check_slices(self, slices) -> int:
+        """``slices <= window``; a conflict with the default names it and the fix."""
+        try:
+            return int(check("VSAM", "slices", slices, window=self.window))
+        except ValueError as err:
+            if not is_default(slices):
+                raise
+            raise ValueError(f"slices must be <= window, got slices={int(slices)} (the default: the authors' value, "
+                             f"for window=50) with window={self.window}: pass slices= as well, e.g. "
+                             f"window={self.window}, slices={max(1, self.window // 2)} (slices <= window // 2 lets "
+                             f"the robust variance act: it needs 2 * slices PSF norms in a window), or use a "
+                             f"window of at least {2 * int(slices)}") from err
+
     @property
     def max_quota(self) -> int:
         return math.floor(self.window * self.max_rate)
@@ -158,6 +209,8 @@ class VSAMController:
 
     def decide(self) -> bool:
         if self.t < self.warmup_steps:
+            if self.warmup_is_default and not self._warned_warmup:
+                self._warn_default_warmup()
             sample = True
         else:
             K = self.window
@@ -180,6 +233,19 @@ class VSAMController:
         self.last_step_sam = sample
         return sample
 
+    def _warn_default_warmup(self) -> None:
+        """The one-time notice: the first step taken by this controller while it is in the
+        authors' default warm-up (neither ``warmup_steps`` nor ``total_steps`` given)."""
+        from ._warn import warn_user
+        self._warned_warmup = True
+        left = self.warmup_steps - self.t
+        warn_user(f"VSAM: warmup_steps was not given, so it is the authors' {self.warmup_steps} steps (3 "
+                  f"CIFAR-10 epochs at batch 128): the next {left} steps are all plain SAM steps, and a run of "
+                  f"up to {self.warmup_steps} steps never samples. Size it to your run with "
+                  f"total_steps= (the run's length in optimizer steps, e.g. epochs * len(loader): warm-up "
+                  f"10 % of it, window scaled to it) or warmup_steps= (warmup_steps={self.warmup_steps} "
+                  f"keeps the authors' value and silences this); stats['warmup_steps_left'] counts down")
+
     def push_stats(self, psf_norm: float, grad_norm: float) -> None:
         """Record one SAM step's norms over the last L tensors (Eq. 11).
 
@@ -200,7 +266,9 @@ class VSAMController:
         return {"steps": self.t, "sam_steps": self.sam_steps, "last_step_sam": self.last_step_sam,
                 "quota": self.s, "probability": self.p, "window_sam_steps": self.q,
                 "change_ratio": self.c_r, "change_variance": self.c_v,
-                "in_warmup": self.t < self.warmup_steps, "nonfinite_stats": self.nonfinite_stats}
+                "in_warmup": self.t < self.warmup_steps, "warmup_steps": self.warmup_steps,
+                "warmup_steps_left": max(0, self.warmup_steps - self.t), "total_steps": self.total_steps,
+                "nonfinite_stats": self.nonfinite_stats}
 
     def state_dict(self) -> dict:
         version, internal, gauss = self.rng.getstate()
@@ -208,7 +276,9 @@ class VSAMController:
                 "c_r": self.c_r, "c_v": self.c_v, "sam_steps": self.sam_steps,
                 "last_step_sam": self.last_step_sam,
                 "H": list(self.H), "R": list(self.R), "V": list(self.V),
-                "nonfinite_stats": self.nonfinite_stats, "rng": [version, list(internal), gauss]}
+                "nonfinite_stats": self.nonfinite_stats, "rng": [version, list(internal), gauss],
+                "warmup_steps": self.warmup_steps, "total_steps": self.total_steps,
+                "warmup_is_default": self.warmup_is_default}
 
     def load_state_dict(self, state: dict) -> None:
         if int(state.get("window", self.window)) != self.window:
@@ -220,6 +290,13 @@ class VSAMController:
             setattr(self, key, float(state[key]))
         self.last_step_sam = bool(state["last_step_sam"])
         self.nonfinite_stats = int(state.get("nonfinite_stats", 0))
+        # The run's schedule goes with it (as torch restores the param groups' hyper-parameters);
+        # a checkpoint written before these fields existed keeps the constructor's.
+        if "warmup_steps" in state:
+            self.warmup_steps = int(check("VSAM", "warmup_steps", int(state["warmup_steps"])))
+            total = state.get("total_steps")
+            self.total_steps = None if total is None else int(check("VSAM", "total_steps", int(total)))
+            self.warmup_is_default = bool(state.get("warmup_is_default", False))
         for key in ("H", "R", "V"):
             getattr(self, key).clear()
             getattr(self, key).extend(float(v) for v in state[key])

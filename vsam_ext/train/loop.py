@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .. import AESAM, AUSAM, ESAM, SAM, VSAM, LookSAM, PeriodicSAM
+from ..controller import vsam_schedule      # the library's rule (VSAM(total_steps=...)): one place
 from .data import Data, batches, steps_per_epoch
 from .models import build_model
 
@@ -60,20 +61,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def vsam_schedule(total_steps: int, warmup_steps: Optional[int] = None, window: Optional[int] = None,
-                  warmup_frac: float = 0.1, min_windows: int = 10) -> Tuple[int, int, float]:
-    """vSAM's warm-up and window scaled to the run: warm-up ~``warmup_frac`` of the steps, window
-    K = (steps after warm-up) / ``min_windows`` clamped to [10, 50] (50: the authors' CIFAR value;
-    10 = 2 x slices, below which the robust variance never acts). Returns (warm-up, K, number of
-    windows after warm-up)."""
-    if warmup_steps is None:
-        warmup_steps = int(round(warmup_frac * total_steps))
-    post = max(0, total_steps - warmup_steps)
-    if window is None:
-        window = min(50, max(10, post // min_windows))
-    return warmup_steps, window, post / window
 
 
 def make_optimizer(name: str, model: nn.Module, cfg: TrainConfig, seed: int, total_steps: int = 1,
