@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .. import ops
+from .._warn import warn_user
 from ..arguments import check
 from ..flat import FlatParams
 from . import _bn
@@ -30,6 +31,7 @@ from ._amp import unscale_and_check
 from ._asam import resolve_adaptive
 from ._ddp import check_perturbation, mean_across_ranks
 from ._fused_base import fused_base_for
+from ._kwargs import check_base_kwargs
 from ._step_hooks import post_hooks, pre_hooks, run_as_step
 
 __all__ = ["TwoPassOptimizer"]
@@ -71,6 +73,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                  model: Optional[torch.nn.Module] = None,
                  backend: Optional[str] = None, stat_tensors: Optional[int] = None, fused_base: bool = True,
                  perturbation: str = "global", **base_kwargs) -> None:
+        check_base_kwargs(self, base_optimizer, base_kwargs)     # a typo names our class, not the base's
         rho = check_rho(rho)
         check("SAM", "fused_base", fused_base)
         adaptive, eta, self._adaptive_filter = resolve_adaptive(adaptive, eta, adaptive_params)
@@ -135,9 +138,20 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._built_adaptive.append(group["adaptive"])
         self.flat.add_group(index, group["params"], self._adaptive_filter if group["adaptive"] else None)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradients in place (the flat buffer stays; ``set_to_none`` is ignored for
-        the parameters it holds)."""
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero the gradients in place. The ``.grad`` of every parameter in the flat buffers is a
+        view of one gradient buffer and stays one: a zero tensor, not None, and no memory is freed.
+        ``set_to_none=True`` (torch's default) cannot drop them without undoing that layout, so it
+        zeroes in place too and warns once; what None means to torch still holds for the step: a
+        parameter that gets no gradient in the next backward is left untouched (no decay, no
+        momentum). Parameters outside the buffers (frozen at construction) get None.
+        ``model.zero_grad()`` works too (gradients set to None are pulled back in, with a copy)."""
+        if set_to_none and not getattr(self, "_warned_set_to_none", False):
+            self._warned_set_to_none = True
+            warn_user(f"{type(self).__name__}.zero_grad(set_to_none=True): the gradients are views of one flat "
+                      f"buffer, so they are zeroed in place (a zero tensor, not None; no memory is freed); a "
+                      f"parameter that gets no gradient in the next backward is still skipped by the step, as "
+                      f"with None. Call zero_grad() (set_to_none=False, our default) to silence this")
         self.flat.zero_grads()
         for p in self.flat.unmanaged:
             p.grad = None
