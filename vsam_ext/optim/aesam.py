@@ -2,7 +2,9 @@
 with its running statistics (ALGORITHMS.md, "AE-SAM")."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence, Union
+
+import torch
 
 from ..controller import AESAMController
 from ._ddp import mean_across_ranks
@@ -18,14 +20,31 @@ class AESAM(TwoPassOptimizer):
     moves linearly from ``lambdas[1]`` at step 0 to ``lambdas[0]`` at step T (and stays there).
     The decision needs ``||g||^2`` on the host: one device-to-host read of a scalar per step,
     by construction of the method (on CUDA that is one synchronisation per step). The norm is
-    reused by the perturbation of a SAM step. Memory: one parameter-sized buffer (the saved
-    weights). Other arguments as for ``SAM``.
+    reused by the perturbation of a SAM step.
+
+    * ``total_steps``: T, the run's length in optimizer steps, an int >= 1 (required).
+    * ``delta``: δ, the decay of the running mean and variance of ``||g||^2``, in [0, 1).
+      Default 0.9.
+    * ``lambdas``: (λ1, λ2), the threshold coefficient at step T and at step 0, two finite
+      floats. Default (-1, 1).
+    * ``rho``: SAM radius, a float >= 0. Default 0.05.
+    * ``adaptive``, ``eta``, ``adaptive_params``, ``model``, ``backend``, ``fused_base``,
+      ``perturbation`` (keyword), and ``**base_kwargs``: as for ``SAM`` (ASAM flavour, offset and
+      tensors; the module whose BatchNorm statistics the perturbed pass leaves alone; backend;
+      torch SGD/AdamW step fused in; DDP perturbation; the base optimizer's arguments).
+
+    Errors as for ``SAM``. Memory: one parameter-sized buffer (the saved weights).
     """
 
     def __init__(self, params, base_optimizer, total_steps: int, delta: float = 0.9,
-                 lambdas: Sequence[float] = (-1.0, 1.0), rho: float = 0.05, **kwargs) -> None:
+                 lambdas: Sequence[float] = (-1.0, 1.0), rho: float = 0.05, *, adaptive: Union[bool, str] = False, eta: Optional[float] = None,
+                 adaptive_params: Union[None, str, Callable] = None, model: Optional[torch.nn.Module] = None,
+                 backend: Optional[str] = None, fused_base: bool = True, perturbation: str = "global",
+                 **base_kwargs) -> None:
         self._norm = None
-        super().__init__(params, base_optimizer, AESAMController(total_steps, delta, lambdas), rho=rho, **kwargs)
+        super().__init__(params, base_optimizer, AESAMController(total_steps, delta, lambdas), rho=rho, adaptive=adaptive, eta=eta,
+                         adaptive_params=adaptive_params, model=model, backend=backend, fused_base=fused_base,
+                         perturbation=perturbation, **base_kwargs)
 
     def _feed_stats(self, before_decide: bool = False) -> list:
         if not before_decide:

@@ -2,7 +2,7 @@
 (ALGORITHMS.md, "AUSAM")."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -33,10 +33,31 @@ class AUSAM(TwoPassOptimizer):
     of the next step). Memory on the device: one parameter-sized buffer (saved weights).
     Two-call form: ``positions = begin(sample_ids)``, the first pass on those positions,
     ``first_step()``, the second pass, ``second_step()``, ``record(loss0, loss1)``.
+
+    * ``num_samples``: the training set's size (the ids run over ``[0, num_samples)``), an
+      int >= 1 (required).
+    * ``alpha``: the fraction of each batch drawn, in (0, 1]. Default 0.5.
+    * ``f_min``, ``f_max``: the range the importances are scaled into, ``0 < f_min <= f_max <=
+      1``. Defaults 0.1 and 0.5.
+    * ``ramp_epochs``: epochs over which ``f_max(t)`` ramps up from ``f_min``, an int >= 0.
+      Default 30.
+    * ``rho``: SAM radius, a float >= 0. Default 0.05.
+    * ``seed``: the seed of the draw's ``torch.Generator``, an int >= 0. Default 0.
+    * ``adaptive``, ``eta``, ``adaptive_params``, ``model``, ``backend``, ``fused_base``,
+      ``perturbation`` (keyword), and ``**base_kwargs``: as for ``SAM`` (ASAM flavour, offset and
+      tensors; the module whose BatchNorm statistics the perturbed pass leaves alone; backend;
+      torch SGD/AdamW step fused in; DDP perturbation, where ``"per_rank"`` is not built for
+      this method yet (a ``ValueError``); the base optimizer's arguments).
+
+    Errors as for ``SAM``.
     """
 
     def __init__(self, params, base_optimizer, num_samples: int, alpha: float = 0.5, f_min: float = 0.1,
-                 f_max: float = 0.5, ramp_epochs: int = 30, rho: float = 0.05, seed: int = 0, **kwargs) -> None:
+                 f_max: float = 0.5, ramp_epochs: int = 30, rho: float = 0.05, seed: int = 0,
+                 *, adaptive: Union[bool, str] = False, eta: Optional[float] = None,
+                 adaptive_params: Union[None, str, Callable] = None, model: Optional[torch.nn.Module] = None,
+                 backend: Optional[str] = None, fused_base: bool = True, perturbation: str = "global",
+                 **base_kwargs) -> None:
         self._table = ImportanceTable(check("AUSAM", "num_samples", num_samples))
         self.alpha = check("AUSAM", "alpha", alpha)
         self.f_min = check("AUSAM", "f_min", f_min)
@@ -47,10 +68,12 @@ class AUSAM(TwoPassOptimizer):
         self.sample_fraction = 1.0
         self._batch_ids: Optional[torch.Tensor] = None     # between begin() and record()
         self._pending = None                               # the last record(), applied lazily
-        if kwargs.get("perturbation") == "per_rank":
+        if perturbation == "per_rank":
             raise ValueError(f"perturbation='per_rank' is not built for {type(self).__name__} yet "
                              f"(its data selection is per rank already)")
-        super().__init__(params, base_optimizer, EveryStep(), rho=rho, **kwargs)
+        super().__init__(params, base_optimizer, EveryStep(), rho=rho, adaptive=adaptive, eta=eta,
+                         adaptive_params=adaptive_params, model=model, backend=backend, fused_base=fused_base,
+                         perturbation=perturbation, **base_kwargs)
 
     @property
     def table(self) -> ImportanceTable:

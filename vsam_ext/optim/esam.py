@@ -3,7 +3,7 @@ data selection (SDS) (ALGORITHMS.md, "ESAM")."""
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import torch
 
@@ -30,21 +30,38 @@ class ESAM(TwoPassOptimizer):
     ``step(closure)``: the closure follows the per-sample contract of
     ``vsam_ext.optim._per_sample`` (``closure(indices) -> per-sample losses``, no backward);
     it returns the first pass's mean loss. The two-call form (``first_step``, ``select``,
-    ``second_step``) is there too. Memory: one parameter-sized buffer (saved weights).
+    ``second_step``) is there too.
+
+    * ``beta``: the probability that a tensor joins the perturbation, in (0, 1]. Default 0.5.
+    * ``gamma``: the fraction of the batch the second pass runs on, in (0, 1]. Default 0.5.
+    * ``rho``: SAM radius, a float >= 0. Default 0.05.
+    * ``seed``: the seed of SWP's ``torch.Generator``, an int >= 0. Default 0.
+    * ``adaptive``, ``eta``, ``adaptive_params``, ``model``, ``backend``, ``fused_base``,
+      ``perturbation`` (keyword), and ``**base_kwargs``: as for ``SAM`` (ASAM flavour, offset and
+      tensors; the module whose BatchNorm statistics the perturbed pass leaves alone; backend;
+      torch SGD/AdamW step fused in; DDP perturbation, where ``"per_rank"`` is not built for
+      this method yet (a ``ValueError``); the base optimizer's arguments).
+
+    Errors as for ``SAM``. Memory: one parameter-sized buffer (saved weights).
     """
 
     def __init__(self, params, base_optimizer, beta: float = 0.5, gamma: float = 0.5, rho: float = 0.05,
-                 seed: int = 0, **kwargs) -> None:
+                 seed: int = 0, *, adaptive: Union[bool, str] = False, eta: Optional[float] = None,
+                 adaptive_params: Union[None, str, Callable] = None, model: Optional[torch.nn.Module] = None,
+                 backend: Optional[str] = None, fused_base: bool = True, perturbation: str = "global",
+                 **base_kwargs) -> None:
         self.beta = check("ESAM", "beta", beta)
         self.gamma = check("ESAM", "gamma", gamma)
         self._generator = torch.Generator().manual_seed(check("ESAM", "seed", seed))
         self.sample_fraction = 1.0
         self.weight_fraction = 1.0
         self._swp_drawn = False
-        if kwargs.get("perturbation") == "per_rank":
+        if perturbation == "per_rank":
             raise ValueError(f"perturbation='per_rank' is not built for {type(self).__name__} yet "
                              f"(its data selection is per rank already)")
-        super().__init__(params, base_optimizer, EveryStep(), rho=rho, **kwargs)
+        super().__init__(params, base_optimizer, EveryStep(), rho=rho, adaptive=adaptive, eta=eta,
+                         adaptive_params=adaptive_params, model=model, backend=backend, fused_base=fused_base,
+                         perturbation=perturbation, **base_kwargs)
 
     def _draw_dropped(self) -> List[torch.Tensor]:
         """SWP: the tensors left out of this step's perturbation."""

@@ -2,7 +2,7 @@
 gets back the part of the last SAM gradient orthogonal to its own gradient (ALGORITHMS.md)."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional, Union
 
 import torch
 
@@ -26,17 +26,30 @@ class LookSAM(TwoPassOptimizer):
     ``g_v = g_s - ||g_s|| cos(g, g_s) g / ||g||`` is kept. Other steps, one forward/backward:
     per tensor ``g <- g + alpha * ||g|| / (||g_v|| + eps) * g_v``, then the base step.
 
-    Memory: two parameter-sized buffers (``g_v``, which holds ``g`` during a refresh, and the
-    weights saved by the perturbation). Other arguments as for ``SAM``.
+    * ``k``: the refresh period, an int >= 1. Default 5 (LookSAM-5 of the paper's tables).
+    * ``alpha``: the weight of the ``g_v`` term, a float >= 0. Default 0.7.
+    * ``rho``: SAM radius, a float >= 0. Default 0.05.
+    * ``adaptive``, ``eta``, ``adaptive_params``, ``model``, ``backend``, ``fused_base``,
+      ``perturbation`` (keyword), and ``**base_kwargs``: as for ``SAM`` (ASAM flavour, offset and
+      tensors; the module whose BatchNorm statistics the perturbed pass leaves alone; backend;
+      torch SGD/AdamW step fused in; DDP perturbation; the base optimizer's arguments).
+
+    Errors as for ``SAM``. Memory: two parameter-sized buffers (``g_v``, which holds ``g``
+    during a refresh, and the weights saved by the perturbation).
     """
 
     def __init__(self, params, base_optimizer, k: int = 5, alpha: float = 0.7, rho: float = 0.05,
-                 **kwargs) -> None:
+                 *, adaptive: Union[bool, str] = False, eta: Optional[float] = None,
+                 adaptive_params: Union[None, str, Callable] = None, model: Optional[torch.nn.Module] = None,
+                 backend: Optional[str] = None, fused_base: bool = True, perturbation: str = "global",
+                 **base_kwargs) -> None:
         self.alpha = check("LookSAM", "alpha", alpha)
         k = check("LookSAM", "k", k)
         self._inv_gv: List[Optional[torch.Tensor]] = []   # per buffer: per tensor 1/(||g_v|| + eps), or 0
         self._ones: List[Optional[torch.Tensor]] = []
-        super().__init__(params, base_optimizer, Periodic(k), rho=rho, **kwargs)
+        super().__init__(params, base_optimizer, Periodic(k), rho=rho, adaptive=adaptive, eta=eta,
+                         adaptive_params=adaptive_params, model=model, backend=backend, fused_base=fused_base,
+                         perturbation=perturbation, **base_kwargs)
 
     @property
     def k(self) -> int:
