@@ -800,3 +800,37 @@ def test_nonfinite_statistics_never_reach_the_histories():
     fresh = VSAMController(window=10, slices=2, warmup_steps=0)
     fresh.load_state_dict(state)
     assert fresh.stats()["nonfinite_stats"] == 6
+
+
+def test_total_steps_scales_what_was_not_given_and_round_trips():
+    from vsam_ext.controller import vsam_schedule
+    c = VSAMController(total_steps=500)
+    assert (c.warmup_steps, c.window, c.total_steps) == vsam_schedule(500)[:2] + (500,) == (50, 45, 500)
+    c = VSAMController(total_steps=500, warmup_steps=7, window=20, slices=2)
+    assert (c.warmup_steps, c.window) == (7, 20)
+    for _ in range(3):
+        c.decide()
+    fresh = VSAMController(total_steps=900, window=20, slices=2)      # other schedule, same window
+    fresh.load_state_dict(c.state_dict())
+    assert (fresh.warmup_steps, fresh.total_steps, fresh.t) == (7, 500, 3)
+    assert fresh.stats()["warmup_steps_left"] == 4
+
+
+def test_the_implicit_authors_warmup_warns_once_and_a_chosen_one_never():
+    import warnings
+    c = VSAMController()
+    with pytest.warns(UserWarning, match="1173"):
+        c.decide()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(5):
+            c.decide()
+        for kw in (dict(warmup_steps=1173), dict(total_steps=100)):
+            VSAMController(**kw).decide()
+
+
+def test_window_below_the_default_slices_names_the_default():
+    with pytest.raises(ValueError, match=r"slices=5 \(the default.*window=4.*slices=2"):
+        VSAMController(window=4)
+    with pytest.raises(ValueError, match=r"slices must be in \[1, 4\], got 5"):
+        VSAMController(window=4, slices=5)                               # chosen: the plain rule
