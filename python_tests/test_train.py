@@ -147,3 +147,163 @@ def test_smoke_run_writes_table_json_plots(tmp_path, capsys):
         _check_png(merged / name)
     with pytest.raises(SystemExit):                       # the same run twice
         main(["--merge", f"{tmp_path / 'part0'},{tmp_path / 'part0'}", "--out-dir", str(tmp_path / "bad")])
+
+
+# -- the command line from anywhere; one-line errors that leave nothing on disk ------------------
+def _cli(args, cwd, env_extra=None, drop=("VSAM_EXT_DATA",), timeout=300):
+    """``python -m vsam_ext.train ARGS`` from ``cwd``, importing this checkout's package."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "vsam_ext.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_error(r):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+PROJECT_DATA = os.path.join(ROOT, "..", "shared", "data")
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(PROJECT_DATA, "fashion_mnist", "train-images-idx3-ubyte.gz")),
+                    reason=f"no Fashion-MNIST in {PROJECT_DATA} (the default data folder)")
+def test_cli_finds_the_data_from_another_directory(tmp_path):
+    # no --data-dir, no VSAM_EXT_DATA, run from a folder that has no ../shared/data: the default
+    # is found from the package's location (../shared/data beside the project root)
+    r = _cli(["--smoke", "--optimizers", "sgd", "--epochs", "1", "--threads", "1", "--no-progress",
+              "--out-dir", "out"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "out" / "results.json").is_file()
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_cli_missing_data_is_one_line_and_writes_nothing(tmp_path):
+    missing = tmp_path / "no-such-data"
+    err = _one_line_error(_cli(["--smoke", "--data-dir", str(missing), "--out-dir", "out"], cwd=tmp_path))
+    assert "--data-dir" in err and str(missing) in err
+    err = _one_line_error(_cli(["--smoke"], cwd=tmp_path, env_extra={"VSAM_EXT_DATA": str(missing)}))
+    assert "VSAM_EXT_DATA" in err and str(missing) in err
+    (tmp_path / "empty").mkdir()             # a folder that exists but lacks the dataset's files
+    err = _one_line_error(_cli(["--smoke", "--data-dir", str(tmp_path / "empty")], cwd=tmp_path))
+    assert "fashion_mnist" in err
+    assert os.listdir(tmp_path) == ["empty"]              # no out/, no runs/
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cli_cuda_without_cuda_is_one_line_and_writes_nothing(tmp_path):
+    err = _one_line_error(_cli(["--smoke", "--device", "cuda", "--out-dir", "out"], cwd=tmp_path))
+    assert "--device" in err and "CUDA" in err
+    err = _one_line_error(_cli(["--smoke", "--device", "nonsense", "--out-dir", "out"], cwd=tmp_path))
+    assert "--device" in err
+    assert os.listdir(tmp_path) == []
+
+
+# -- the vSAM plots and the verdict lines -------------------------------------------------------
+def _fake_vsam_run(name, sam_at, total, seed=0):
+    """A run record as train_run makes it, for the plots: SAM steps at ``sam_at``."""
+    trace = {"step": [1, 11, 20, 30, total], "quota": [1.0, 1.0, 2.0, 3.0, 3.0],
+             "probability": [1.0, 0.1, 0.2, 0.3, 0.3]}
+    return {"optimizer": name, "seed": seed, "trace": trace, "sam_step_numbers": list(sam_at),
+            "final": {"steps": total, "test_acc": 80.0},
+            "psf": {"step": list(sam_at), "psf_norm": [1.0 + 0.01 * s for s in sam_at],
+                    "grad_norm": [2.0] * len(sam_at), "ratio": [0.5 + 0.005 * s for s in sam_at]}}
+
+
+def _capture_figures(monkeypatch):
+    import matplotlib.figure
+    saved = []
+    original = matplotlib.figure.Figure.savefig
+
+    def savefig(self, *a, **k):
+        saved.append(self)
+        return original(self, *a, **k)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    return saved
+
+
+def _lines_of(ax, name):
+    from matplotlib.colors import to_rgba
+    from vsam_ext.train.report import COLORS
+    want = to_rgba(COLORS[name])[:3]
+    return [ln for ln in ax.get_lines() if to_rgba(ln.get_color())[:3] == want]
+
+
+def _shows_through(below, above):
+    """Whether a line drawn first stays visible under an identical line drawn on top of it."""
+    if above.get_linestyle() not in ("-", "solid") and above.get_linestyle() not in ("None", "", " "):
+        return True                                   # dashed/dotted: gaps show the line below
+    if below.get_linewidth() > above.get_linewidth() + 0.5 and below.get_linestyle() not in ("None", "", " "):
+        return True                                   # a wider line below shows on both sides
+    mb, ma = below.get_marker(), above.get_marker()
+    if mb not in (None, "None", "", " ") and ma not in (None, "None", "", " ") and mb != ma:
+        return True                                   # different markers
+    return False
+
+
+def test_plots_show_vsam_under_identical_vsam_a(tmp_path, monkeypatch):
+    """In warm-up (and whenever they decide alike) vsam and vsam-a have the same curves: the one
+    drawn first must stay visible."""
+    from vsam_ext.train.report import plot_psf, plot_sampling
+    saved = _capture_figures(monkeypatch)
+    sam_at = list(range(1, 11)) + [12, 15, 22, 25, 32]
+    runs = [_fake_vsam_run("vsam", sam_at, 40), _fake_vsam_run("vsam-a", sam_at, 40)]
+    assert plot_sampling(runs, str(tmp_path / "s.png"), warmup=10, window=10)
+    assert plot_psf(runs, str(tmp_path / "p.png"), warmup=10)
+    for fig in saved:
+        for ax in fig.axes:
+            a, b = _lines_of(ax, "vsam"), _lines_of(ax, "vsam-a")
+            assert a and b, ax.get_title()
+            for la in a:
+                for lb in b:
+                    if list(la.get_xdata()) == list(lb.get_xdata()) and list(la.get_ydata()) == list(lb.get_ydata()):
+                        below, above = sorted((la, lb), key=lambda ln: (ln.get_zorder(), ax.get_lines().index(ln)))
+                        assert _shows_through(below, above), ax.get_title()
+
+
+def test_sampling_plot_has_no_spike_from_a_short_last_window(tmp_path, monkeypatch):
+    """Windows (after a 10-step warm-up, K = 10) start at steps 11, 20, 30, ... (the controller's
+    first window is K - 1 steps long); the run ends at step 35, 6 steps into a window. That
+    partial window's SAM steps (all 6) must not show as a fraction 1.0 spike."""
+    from vsam_ext.train.report import plot_sampling
+    saved = _capture_figures(monkeypatch)
+    sam_at = list(range(1, 11)) + [12, 15, 22, 25] + list(range(30, 36))
+    assert plot_sampling([_fake_vsam_run("vsam", sam_at, 35)], str(tmp_path / "s.png"), warmup=10, window=10)
+    ax = saved[0].axes[2]
+    (line,) = _lines_of(ax, "vsam")
+    assert max(line.get_ydata()) <= 0.25
+    assert "partial" in ax.get_title() or "partial" in ax.get_xlabel()
+    from vsam_ext.train.report import window_fractions
+    starts, frac, partial = window_fractions(sam_at, warmup=10, window=10, total=35)
+    assert list(starts) == [11, 20, 30] and partial == 6
+    assert list(frac) == pytest.approx([2 / 9, 2 / 10])          # full windows only
+
+
+def _row(name, acc, std=float("nan"), time=10.0, cpu=10.0):
+    return {"optimizer": name, "test_acc_mean": acc, "test_acc_std": std, "time_vs_sam": time / 20.0,
+            "train_time": time, "train_cpu_time": cpu}
+
+
+def test_verdict_lines_say_what_they_test():
+    from vsam_ext.train.report import target_check
+    rows = [_row("sgd", 88.0, 0.2, 8.0, 8.0), _row("sam", 90.0, 0.5, 20.0, 20.0),
+            _row("vsam", 89.7, 0.3, 11.0, 11.0), _row("vsam-a", 89.0, 0.4, 14.0, 14.0)]
+    lines = target_check(rows)
+    assert len(lines) == 6                           # three tests per variant, one line each
+    for line in lines:
+        assert line.split(":")[0] in ("vsam", "vsam-a")
+        assert line.rstrip().endswith(("PASS", "FAIL", "n/a")), line
+    by = {(ln.split(":")[0], i % 3): ln for i, ln in enumerate(lines)}
+    acc, sgd, time = by[("vsam", 0)], by[("vsam", 1)], by[("vsam", 2)]
+    # what was compared (both values), and the threshold
+    assert "89.70" in acc and "90.00" in acc and "0.50" in acc and "std" in acc and acc.endswith("PASS")
+    assert "89.70" in sgd and "88.00" in sgd and "SGD" in sgd and sgd.endswith("PASS")
+    assert "11.0" in time and "20.0" in time and "0.65" in time and time.endswith("PASS")
+    acc_a, time_a = by[("vsam-a", 0)], by[("vsam-a", 2)]
+    assert acc_a.endswith("FAIL") and time_a.endswith("FAIL")      # -1.00 < -0.50; 0.70 > 0.65
+    one_seed = target_check([_row("sam", 90.0), _row("vsam", 89.0)])
+    assert len(one_seed) == 2 and one_seed[0].endswith("n/a") and "seed" in one_seed[0]

@@ -98,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ausam: epochs over which f_max ramps up (default: the authors' 30 of 200 epochs, "
                         "scaled to --epochs)")
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default=os.path.join("..", "shared", "data"), help="offline datasets (default ../shared/data)")
+    g.add_argument("--data-dir", default=None,
+                   help="folder of the offline datasets (fashion_mnist/, cifar10/). Default: $VSAM_EXT_DATA if set, "
+                        "else ../shared/data beside the project root (found from the package's location, "
+                        "whatever the current directory)")
     g.add_argument("--train-size", type=int, default=None, help="class-balanced training subset (default: all)")
     g.add_argument("--test-size", type=int, default=None, help="class-balanced test subset (default: all)")
     g.add_argument("--val-size", type=int, default=None,
@@ -161,6 +164,48 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _check_device(text: Optional[str], torch):
+    """The training device, or a one-line ``SystemExit`` when it cannot be used here."""
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise SystemExit(f"--device {text}: not a device ({' '.join(str(exc).split())})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "is built without CUDA" if not torch.version.cuda else "sees no CUDA device"
+            raise SystemExit(f"--device {text}: CUDA is not available: torch {torch.__version__} {why}; "
+                             f"use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {text}: there are {torch.cuda.device_count()} CUDA devices "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif device.type != "cpu":
+        mod = getattr(torch, device.type, None) or getattr(torch.backends, device.type, None)
+        available = getattr(mod, "is_available", None)
+        if available is not None and not available():
+            raise SystemExit(f"--device {text}: {device.type} is not available with this torch "
+                             f"({torch.__version__})")
+    return device
+
+
+def _check_data_dir(given: Optional[str], dataset: str) -> str:
+    """The data folder (``--data-dir``, ``$VSAM_EXT_DATA`` or the project's ``../shared/data``),
+    or a one-line ``SystemExit`` naming where it looked and what is missing."""
+    from .data import DATA_ENV, missing_files, resolve_data_dir
+
+    path, source = resolve_data_dir(given)
+    what = "--data-dir" if source == "--data-dir" else DATA_ENV if source == DATA_ENV else \
+        "the default data folder (../shared/data beside the project root)"
+    hint = f"give --data-dir DIR or set {DATA_ENV} to the folder that holds fashion_mnist/ and cifar10/"
+    if not os.path.isdir(path):
+        raise SystemExit(f"{what}: {path} is not a folder; {hint}")
+    missing = missing_files(dataset, path)
+    if missing:
+        raise SystemExit(f"{what}: {path} lacks the {dataset} files {', '.join(missing)}; {hint}")
+    return path
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.merge:
@@ -196,7 +241,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if shape[0] != want_c:
         raise SystemExit(f"--model {cfg['model']} takes {shape[0]}-channel images, {cfg['dataset']} has {want_c}")
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _check_device(args.device, torch)
+    data_dir = _check_data_dir(args.data_dir, cfg["dataset"])
     threads = None
     if device.type == "cpu":
         threads = 1 if args.threads is None else (args.threads or _default_threads())
@@ -207,13 +253,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.backends.cudnn.benchmark = True
 
     out_dir = args.out_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(out_dir, exist_ok=True)
     log = print
 
     augment = Augment(crop_pad=cfg["crop_pad"], flip=bool(cfg["flip"]), cutout=cfg["cutout"])
     t_load = time.perf_counter()
-    data = load_dataset(cfg["dataset"], args.data_dir, train_size=cfg["train_size"], test_size=cfg["test_size"],
-                        val_size=cfg["val_size"], data_seed=cfg["data_seed"], augment=augment, device=device)
+    try:
+        data = load_dataset(cfg["dataset"], data_dir, train_size=cfg["train_size"], test_size=cfg["test_size"],
+                            val_size=cfg["val_size"], data_seed=cfg["data_seed"], augment=augment, device=device)
+    except (OSError, ValueError) as exc:           # unreadable files, subsets larger than the data
+        raise SystemExit(f"{cfg['dataset']} from {data_dir}: {' '.join(str(exc).split())}") from None
     t_load = time.perf_counter() - t_load
     spe = steps_per_epoch(len(data.y_train), cfg["batch_size"])
     total = spe * cfg["epochs"]
@@ -243,12 +291,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = "python -m vsam_ext.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                               else sys.argv[1:]))
     env = {"torch": torch.__version__, "vsam_ext": __version__, "python": platform.python_version(),
+           "data_dir": data_dir,
            "device": str(device), "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                                                   else platform.processor() or platform.machine()),
            "threads": threads, "cpu_count": os.cpu_count(), "backends": available_backends()}
 
+    os.makedirs(out_dir, exist_ok=True)          # every check has passed: only now anything on disk
     log(f"vsam_ext.train -> {out_dir}")
-    log(f"  data     {data.describe()} (loaded in {t_load:.1f} s)")
+    log(f"  data     {data.describe()} (from {data_dir}, loaded in {t_load:.1f} s)")
     log(f"  model    {cfg['model']} ({sum(p.numel() for p in _count_model(cfg['model'], data.num_classes)):,} "
         f"parameters); device {device}" + (f", {threads} thread{'s' if threads > 1 else ''}" if threads else ""))
     log(f"  recipe   {cfg['epochs']} epochs x {spe} steps = {total} steps, batch {cfg['batch_size']}, "
@@ -318,6 +368,9 @@ def write_reports(payload: dict, out_dir: str, log=print) -> dict:
           "CPU time: the process's CPU seconds over the same span (all threads; on a shared machine with "
           "--threads 1 it is close to the wall time the run would take alone).",
           "", table, ""]
+    if checks:
+        md += ["Checks of the vSAM variants against the target (one line each: what is compared, the "
+               "threshold, PASS / FAIL / n/a):", ""]
     md += [f"- {c}" for c in checks]
     md += ["", "Plots: " + ", ".join(os.path.basename(p) for p in plots.values() if p), ""]
     with open(os.path.join(out_dir, "results.md"), "w") as fh:
@@ -345,8 +398,11 @@ def merge(sources: List[str], out_dir: str, log=print) -> int:
     payloads = []
     for src in sources:
         path = os.path.join(src, "results.json") if os.path.isdir(src) else src
-        with open(path) as fh:
-            payloads.append((path, json.load(fh)))
+        try:
+            with open(path) as fh:
+                payloads.append((path, json.load(fh)))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--merge: cannot read {path}: {' '.join(str(exc).split())}") from None
     base_path, base = payloads[0]
     runs, seen, commands, devices = [], set(), [], set()
     for path, pl in payloads:

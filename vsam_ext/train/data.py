@@ -22,7 +22,41 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["DATASETS", "Augment", "Data", "load_dataset", "batches"]
+__all__ = ["DATASETS", "DATA_ENV", "Augment", "Data", "default_data_dir", "resolve_data_dir", "missing_files",
+           "load_dataset", "batches"]
+
+DATA_ENV = "VSAM_EXT_DATA"      # environment variable naming the data folder
+
+
+def default_data_dir() -> str:
+    """The project's offline data: ``../shared/data`` beside the project root, found from this
+    package's location (``<root>/vsam_ext/train/data.py``), not from the current directory."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.normpath(os.path.join(root, "..", "shared", "data"))
+
+
+def resolve_data_dir(given: Optional[str] = None) -> Tuple[str, str]:
+    """The data folder and where it came from: ``given`` (``--data-dir``), else the environment
+    variable ``VSAM_EXT_DATA``, else :func:`default_data_dir`. Returns ``(path, source)``."""
+    if given:
+        return os.path.abspath(os.path.expanduser(given)), "--data-dir"
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return os.path.abspath(os.path.expanduser(env)), DATA_ENV
+    return default_data_dir(), "default (../shared/data beside the project root)"
+
+
+def _files(name: str, data_dir: str) -> List[str]:
+    if name == "fmnist":
+        d = os.path.join(data_dir, "fashion_mnist")
+        return [os.path.join(d, f"{k}.gz") for k in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                                      "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+    return [os.path.join(data_dir, "cifar10", DATASETS[name]["file"])]
+
+
+def missing_files(name: str, data_dir: str) -> List[str]:
+    """The files of dataset ``name`` that ``data_dir`` lacks (paths relative to ``data_dir``)."""
+    return [os.path.relpath(p, data_dir) for p in _files(name, data_dir) if not os.path.isfile(p)]
 
 # name -> files, normalisation constants (per channel, raw pixels in [0, 1]), class names
 DATASETS = {
@@ -123,22 +157,20 @@ def _read_idx(path: str, offset: int) -> np.ndarray:
 
 def _read_raw(name: str, data_dir: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """uint8 images N,H,W,C and uint8 labels, train then test."""
+    missing = missing_files(name, data_dir)
+    if missing:
+        raise FileNotFoundError(f"{data_dir} lacks {', '.join(missing)} (give --data-dir or set {DATA_ENV})")
     if name == "fmnist":
         d = os.path.join(data_dir, "fashion_mnist")
         files = {k: os.path.join(d, f"{k}.gz") for k in
                  ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
                   "t10k-labels-idx1-ubyte")}
-        missing = [p for p in files.values() if not os.path.exists(p)]
-        if missing:
-            raise FileNotFoundError(f"Fashion-MNIST files not found: {missing} (set --data-dir)")
         xtr = _read_idx(files["train-images-idx3-ubyte"], 16).reshape(-1, 28, 28, 1)
         ytr = _read_idx(files["train-labels-idx1-ubyte"], 8)
         xte = _read_idx(files["t10k-images-idx3-ubyte"], 16).reshape(-1, 28, 28, 1)
         yte = _read_idx(files["t10k-labels-idx1-ubyte"], 8)
         return xtr, ytr, xte, yte
     path = os.path.join(data_dir, "cifar10", DATASETS[name]["file"])
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"CIFAR-10 file not found: {path} (set --data-dir)")
     with np.load(path, allow_pickle=False) as z:
         return z["x_train"], z["y_train"], z["x_test"], z["y_test"]
 
@@ -176,16 +208,19 @@ def _to_tensor(x: np.ndarray, mean, std, device) -> torch.Tensor:
     return ((t - m) / s).contiguous()
 
 
-def load_dataset(name: str, data_dir: str, *, train_size: Optional[int] = None, test_size: Optional[int] = None,
-                 val_size: int = 0, data_seed: int = 0, augment: Optional[Augment] = None,
-                 device="cpu") -> Data:
-    """Load ``name`` from ``data_dir``. ``train_size``/``test_size``: class-balanced random subsets
-    (None: all). ``val_size``: a class-balanced validation set held out of the training images
-    (disjoint from the training subset) for choosing hyper-parameters without the test set.
+def load_dataset(name: str, data_dir: Optional[str] = None, *, train_size: Optional[int] = None,
+                 test_size: Optional[int] = None, val_size: int = 0, data_seed: int = 0,
+                 augment: Optional[Augment] = None, device="cpu") -> Data:
+    """Load ``name`` from ``data_dir`` (None: :func:`resolve_data_dir`). ``train_size``/
+    ``test_size``: class-balanced random subsets (None: all). ``val_size``: a class-balanced
+    validation set held out of the training images (disjoint from the training subset) for
+    choosing hyper-parameters without the test set.
     Subsets depend on ``data_seed`` only, not on the run seed."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
     spec = DATASETS[name]
+    if data_dir is None:
+        data_dir = resolve_data_dir()[0]
     xtr, ytr, xte, yte = _read_raw(name, data_dir)
     def rng(split: int) -> np.random.Generator:          # one stream per split: a subset does
         return np.random.default_rng([data_seed, split])  # not change when another one does
