@@ -90,6 +90,12 @@ def test_two_call_form_a_group_added_between_steps_starts_without_gradient():
 
 # -- torch.compile --------------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Compiled frames and their fake tensors do not outlive a test."""
+    yield
+    torch._dynamo.reset()
+
 def _vsam(model):
     return vx.VSAM(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, window=4, slices=1,
                    warmup_steps=2, stat_tensors=2)

@@ -33,8 +33,11 @@ def live_tensor_bytes():
         warnings.simplefilter("ignore", FutureWarning)
         for obj in gc.get_objects():
             if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_sparse:
-                st = obj.untyped_storage()
-                storages[st.data_ptr()] = st.nbytes()
+                try:
+                    st = obj.untyped_storage()
+                    storages[st.data_ptr()] = st.nbytes()
+                except RuntimeError:    # no data: a FakeTensor that torch.compile's caches keep
+                    continue
     return sum(storages.values())
 
 
