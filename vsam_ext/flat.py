@@ -159,6 +159,14 @@ class FlatParams:
 
     # -- every step ---------------------------------------------------------------------
     def zero_grads(self) -> None:
+        """Zero every gradient in place. A ``.grad`` that was replaced (``model.zero_grad()`` set
+        it to None and a backward made a new one) goes back to its view, zeroed too: it belongs
+        to no step yet (it used to be added to the next step's gradient)."""
+        for buf in self.buffers:
+            for p, view in zip(buf.params, buf.grad_views):
+                if p.grad is not view:
+                    p.grad = view
+                    self._dirty = True
         if self._dirty:
             for buf in self.buffers:
                 buf.grad.zero_()
