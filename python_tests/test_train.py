@@ -307,3 +307,5 @@ def test_verdict_lines_say_what_they_test():
     assert acc_a.endswith("FAIL") and time_a.endswith("FAIL")      # -1.00 < -0.50; 0.70 > 0.65
     one_seed = target_check([_row("sam", 90.0), _row("vsam", 89.0)])
     assert len(one_seed) == 2 and one_seed[0].endswith("n/a") and "seed" in one_seed[0]
+    above = target_check([_row("sam", 90.0), _row("vsam", 90.5)])[0]
+    assert above.endswith("PASS") and "seed" in above                # "or above" needs no std

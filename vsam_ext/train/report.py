@@ -17,8 +17,8 @@ COLORS = {"sgd": "tab:gray", "sam": "tab:blue", "sam5": "tab:orange", "vsam": "t
 # quota: their curves coincide there. vsam is drawn wide and solid underneath, vsam-a thin and
 # dashed on top (zorder), so both stay visible wherever they overlap; in scatter plots they get
 # different markers.
-LINE_STYLES = {"vsam": dict(linestyle="-", linewidth=2.6, alpha=0.75, zorder=2),
-               "vsam-a": dict(linestyle="--", linewidth=1.4, alpha=0.95, zorder=3)}
+LINE_STYLES = {"vsam": dict(linestyle="-", linewidth=3.6, alpha=0.45, zorder=2),
+               "vsam-a": dict(linestyle=(0, (4, 2.5)), linewidth=1.5, alpha=1.0, zorder=3)}
 MARKER_STYLES = {"vsam": dict(marker="o", markersize=3.0, alpha=0.45, zorder=2),
                  "vsam-a": dict(marker="x", markersize=3.5, alpha=0.8, zorder=3)}
 
@@ -113,6 +113,9 @@ def target_check(rows: List[dict], max_time_ratio: float = 0.65) -> List[str]:
         if std == std:
             out.append(f"{test}: {acc:.2f} % vs SAM {ref:.2f} ± {std:.2f} % (difference {diff:+.2f}, "
                        f"needs >= {-std:+.2f}): {verdict(diff >= -std)}")
+        elif diff >= 0:
+            out.append(f"{test}: {acc:.2f} % vs SAM {ref:.2f} % (difference {diff:+.2f}, needs >= 0 with one "
+                       f"seed, no std): PASS")
         else:
             out.append(f"{test}: {acc:.2f} % vs SAM {ref:.2f} % (difference {diff:+.2f}); one seed, no std "
                        f"to judge by (give several --seeds): n/a")
