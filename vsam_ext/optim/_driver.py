@@ -174,7 +174,10 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         if closure is None:
             raise TypeError(f"{type(self).__name__}.step() needs a closure that runs forward + backward "
                             f"and returns the loss; or call first_step() / second_step() yourself "
-                            f"(with a GradScaler: opt.step(closure, grad_scaler=scaler); scaler.update())")
+                            f"(with a GradScaler: opt.step(closure, grad_scaler=scaler); scaler.update()). "
+                            f"Trainers that call step() without a closure (GradScaler.step(opt), Lightning's "
+                            f"'16-mixed', the HF Trainer) cannot run a second pass: see the README, "
+                            f"'Frameworks: Lightning and accelerate'")
         with self._stepping():
             return self._step(torch.enable_grad()(closure), grad_scaler)
 
