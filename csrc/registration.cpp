@@ -22,6 +22,9 @@ TORCH_LIBRARY(vsam_ext, m) {
   m.def("sgd_step(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor(c!)? psf, "
         "Tensor? backup, float coeff, int stat_start, float lr, float weight_decay, float momentum, "
         "float dampening, bool nesterov, bool maximize, bool first) -> Tensor");
+  // Not an op on data: the flat buffer's memory seen as a parameter with a storage of its own
+  // (alias.cpp). It aliases `flat` without saying so in the schema: never traced or compiled.
+  m.def("own_storage_alias(Tensor flat, int offset, int[] size, int[] stride) -> Tensor");
   m.def("adamw_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
         "Tensor(d!)? psf, Tensor? backup, float coeff, int stat_start, float lr, float beta1, "
         "float beta2, float eps, float weight_decay, int step, bool maximize) -> Tensor");

@@ -340,7 +340,7 @@ def accelerate_run(accelerate, steps, start=0, seed=0, resume_from=None, save_at
             step += 1
             decisions[step] = opt.stats["last_step_sam"]
             if step == save_at:
-                accelerator.save_state(save_dir, safe_serialization=False)     # README: not safetensors
+                accelerator.save_state(save_dir)
             if step == steps:
                 break
     return net, opt, decisions, calls
@@ -366,21 +366,23 @@ def test_accelerate_save_state_resume_equals_an_uninterrupted_run(accelerate, tm
     assert_same_tensors(net.state_dict(), whole.state_dict())
 
 
-def test_accelerate_save_state_with_safetensors_drops_flat_parameters(accelerate, tmp_path):
-    """Why the README saves with safe_serialization=False: the parameters are views of one flat
-    buffer; accelerate's safetensors path takes them for tied weights and writes only the first
-    (a "Removed shared tensor" warning), and load_state then fails. The pickle path keeps them."""
+def test_accelerate_save_state_with_default_safetensors_round_trips(accelerate, tmp_path):
+    """accelerate's default (safetensors) save_state keeps every parameter: each has a storage of
+    its own inside the flat buffer. (When parameters were views of one storage, accelerate took
+    them for tied weights, wrote only the first, and load_state failed.)"""
     safetensors = pytest.importorskip("safetensors.torch")
     accelerator = accelerate.Accelerator(cpu=True)
     net = make_net()
     model, popt = accelerator.prepare(net, make_opt(net))
+    saved_state = {k: v.clone() for k, v in net.state_dict().items()}
     accelerator.save_state(str(tmp_path / "safe"))
     saved = safetensors.load_file(str(tmp_path / "safe" / "model.safetensors"))
-    assert set(saved) < set(net.state_dict())                 # parameters silently missing
-    with pytest.raises(RuntimeError):
-        accelerator.load_state(str(tmp_path / "safe"))
-    accelerator.save_state(str(tmp_path / "pickle"), safe_serialization=False)
-    accelerator.load_state(str(tmp_path / "pickle"))
+    assert set(saved) == set(net.state_dict())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    accelerator.load_state(str(tmp_path / "safe"))
+    assert_same_tensors(net.state_dict(), saved_state)
 
 
 def test_accelerate_fp16_wrapper_step_cannot_run_the_closure(accelerate):

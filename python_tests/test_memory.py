@@ -26,19 +26,25 @@ BUILD = {
 
 
 def live_tensor_bytes():
-    """Bytes of the distinct storages of every tensor Python can reach."""
+    """Bytes of memory under the storages of every tensor Python can reach, each byte once (a
+    parameter's own storage lies inside its optimizer's flat buffer: the union of the ranges)."""
     gc.collect()
-    storages = {}
+    ranges = []
     with warnings.catch_warnings():     # isinstance() on some module objects warns (deprecated names)
         warnings.simplefilter("ignore", FutureWarning)
         for obj in gc.get_objects():
             if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_sparse:
                 try:
                     st = obj.untyped_storage()
-                    storages[st.data_ptr()] = st.nbytes()
+                    ranges.append((st.data_ptr(), st.data_ptr() + st.nbytes()))
                 except RuntimeError:    # no data: a FakeTensor that torch.compile's caches keep
                     continue
-    return sum(storages.values())
+    total, end = 0, 0
+    for a, b in sorted(ranges):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def make_model():

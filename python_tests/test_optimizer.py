@@ -11,13 +11,15 @@ from helpers import batch, closure_for, make_mlp, params_of, run
 SMALL = dict(window=5, slices=1, warmup_steps=4, stat_tensors=2)
 
 
-def test_parameters_and_grads_are_views_of_flat_buffers():
+def test_parameters_live_in_the_flat_buffer_with_storages_of_their_own_and_grads_are_views():
     model = make_mlp()
     opt = VSAM(model.parameters(), torch.optim.SGD, lr=0.1, **SMALL)
     (buf,) = opt.flat.buffers
     assert buf.numel == sum(p.numel() for p in model.parameters())
-    for p in model.parameters():
-        assert p.untyped_storage().data_ptr() == buf.param.untyped_storage().data_ptr()
+    item = buf.param.element_size()
+    for p, start in zip(model.parameters(), buf.offsets):
+        assert p.data_ptr() == buf.param.data_ptr() + start * item               # in the flat buffer
+        assert p.untyped_storage().nbytes() == p.numel() * item                   # its own storage
         assert p.grad.untyped_storage().data_ptr() == buf.grad.untyped_storage().data_ptr()
     run(model, opt, 3)
     grad = model[0].weight.grad

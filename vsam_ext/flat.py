@@ -1,9 +1,11 @@
 """Flattened parameter and gradient buffers.
 
 The parameters that require grad are packed, per (param group, device, dtype), into one
-contiguous buffer; each parameter becomes a view of it and its ``.grad`` a view of a flat
-gradient buffer that is zeroed in place, never set to None. Fused ops then run over a few
-large buffers instead of many small tensors.
+contiguous buffer, and each parameter's ``.grad`` becomes a view of a flat gradient buffer that
+is zeroed in place, never set to None. Fused ops then run over a few large buffers instead of
+many small tensors. Each parameter lives in the flat buffer but keeps a storage of its own
+(``own_storage``), as an unflattened parameter has: saving a module (``torch.save`` of its
+``state_dict``, safetensors) writes its parameters alone, not the whole buffer.
 
 Buffers are per param group as well, so every buffer has one set of hyper-parameters (rho,
 lr, ...): a fused base step needs nothing per element but the data.
@@ -16,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["FlatBuffer", "FlatParams", "segment_view"]
+__all__ = ["FlatBuffer", "FlatParams", "segment_view", "own_storage"]
 
 
 def _dense_permutation(t: torch.Tensor) -> bool:
@@ -37,6 +39,27 @@ def segment_view(flat: torch.Tensor, start: int, like: torch.Tensor) -> torch.Te
     if like.numel() > 1 and not like.is_contiguous() and _dense_permutation(like):
         return flat.as_strided(like.shape, like.stride(), flat.storage_offset() + start)
     return flat[start:start + like.numel()].view(like.shape)
+
+
+def own_storage(flat: torch.Tensor, start: int, like: torch.Tensor) -> torch.Tensor:
+    """``segment_view(flat, start, like)``, but with a storage of its own over exactly its
+    elements (which keeps ``flat`` alive): the C++ op ``vsam_ext::own_storage_alias``. Without
+    the compiled extension, or for an empty tensor, the plain view."""
+    view = segment_view(flat, start, like)
+    if view.numel() == 0 or not _HAS_ALIAS:
+        return view
+    return torch.ops.vsam_ext.own_storage_alias(flat, start, list(view.shape), list(view.stride()))
+
+
+def _has_alias() -> bool:
+    try:
+        from .ops import extension  # noqa: F401  (loads vsam_ext._C)
+    except (ImportError, OSError):
+        return False
+    return hasattr(torch.ops.vsam_ext, "own_storage_alias")
+
+
+_HAS_ALIAS = _has_alias()
 
 
 class FlatBuffer:
@@ -66,7 +89,7 @@ class FlatBuffer:
                         raise TypeError("params: sparse gradients are not supported "
                                         f"(a parameter of shape {tuple(p.shape)} has one)")
                     segment_view(self.grad, start, p).copy_(p.grad)
-                p.data = segment_view(self.param, start, p)
+                p.data = own_storage(self.param, start, p)
                 view = segment_view(self.grad, start, p)
                 p.grad = view
                 self.grad_views.append(view)
@@ -158,6 +181,12 @@ class FlatParams:
                 buf.stat_start = start
 
     # -- every step ---------------------------------------------------------------------
+    def written(self) -> None:
+        """The fused ops wrote the parameters through the flat buffer: bump their version
+        counters, as an in-place update of each would (autograd then refuses a graph that saved
+        the old values)."""
+        torch.autograd.graph.increment_version(self.managed)
+
     def zero_grads(self) -> None:
         """Zero every gradient in place. A ``.grad`` that was replaced (``model.zero_grad()`` set
         it to None and a backward made a new one) goes back to its view, zeroed too: it belongs

@@ -311,6 +311,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         # The fused passes are the base optimizer's step: its hooks, profiling record and
         # scheduler mark go with them, as base.step() would give them.
         pairs = run_as_step(self.base_optimizer, passes) if fused is not None else passes()
+        self.flat.written()
         if self._phase == "sam" and wants_psf:
             self._record_psf(pairs)
         self._phase = None
@@ -352,6 +353,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             if keep and b.psf is None:
                 b.psf = b.new_buffer()
             self._ops.perturb(b.param, b.grad, scale, b.backup, b.scaled, b.psf if keep else None, group["eta"])
+        self.flat.written()
 
     def _base_step(self) -> None:
         if self._fused_base is not None:
@@ -373,6 +375,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             _bn.unfreeze_running_stats(self._bn_modules, self._bn_flags)
             for b in self.flat.buffers:
                 b.param.copy_(b.backup)
+            self.flat.written()
             self._on_abort()
         self._phase = None
         self._inactive = []
