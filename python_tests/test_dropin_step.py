@@ -106,6 +106,46 @@ def test_a_gradient_made_after_model_zero_grad_does_not_leak_into_the_next_step(
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("name", ["sam", "vsam", "sam5"])
+def test_two_call_form_with_model_zero_grad_leaves_an_unused_parameter_alone(name):
+    """model.zero_grad() (grads set to None) between two-call steps: a parameter used on step 0
+    only must not be stepped on step 1 (it was: momentum and weight decay moved it by 0.04)."""
+    a, b = torch.nn.Linear(2, 1).double(), torch.nn.Linear(2, 1).double()
+    params = list(a.parameters()) + list(b.parameters())
+    opt = {"sam": lambda: vx.SAM(params, torch.optim.SGD, **SGD_KW),
+           "vsam": lambda: vx.VSAM(params, torch.optim.SGD, window=4, slices=1, warmup_steps=2, **SGD_KW),
+           "sam5": lambda: vx.PeriodicSAM(params, torch.optim.SGD, period=5, **SGD_KW)}[name]()
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for step in range(3):
+        def loss():
+            return (a(x) + (b(x) if step == 0 else 0)).pow(2).mean()
+        loss().backward()
+        if opt.first_step():
+            loss().backward()
+        opt.second_step()                      # no zero_grad here: the model's zero_grad instead
+        a.zero_grad(), b.zero_grad()
+        if step == 0:
+            b0 = [p.detach().clone() for p in b.parameters()]
+    for p, q in zip(b.parameters(), b0):
+        assert torch.equal(p.detach(), q)
+
+
+def test_shared_memory_parameters_are_refused():
+    """Hogwild: the optimizer would copy shared parameters into its own buffer and the processes
+    would silently stop sharing them."""
+    model = make_mlp().share_memory()
+    with pytest.raises(ValueError, match="shared memory"):
+        vx.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+
+
+def test_parameters_replaced_after_construction_are_named_in_the_error():
+    model = make_mlp(dtype=torch.float64)
+    opt = vx.SAM(model.parameters(), torch.optim.SGD, **SGD_KW)
+    model.load_state_dict(make_mlp(seed=3, dtype=torch.float64).state_dict(), assign=True)
+    with pytest.raises(RuntimeError, match="assign=True"):
+        opt.step(closure_for(model, opt, 0, torch.float64))
+
+
 # -- torch.compile --------------------------------------------------------------------------------
 
 @pytest.fixture(autouse=True)

@@ -203,6 +203,18 @@ def test_cli_cuda_without_cuda_is_one_line_and_writes_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("args,names", [
+    (["--dataset", "cifar10", "--model", "wrn3_1"], "--model"),      # WideResNet's depth rule
+    (["--train-size", "0"], "--train-size"),
+    (["--train-size", "-1"], "--train-size"),
+    (["--test-size", "0"], "--test-size"),
+])
+def test_cli_bad_sizes_and_models_are_one_line_and_write_nothing(tmp_path, args, names):
+    err = _one_line_error(_cli(["--smoke", *args, "--out-dir", "out"], cwd=tmp_path))
+    assert names in err
+    assert os.listdir(tmp_path) == []
+
+
 # -- the vSAM plots and the verdict lines -------------------------------------------------------
 def _fake_vsam_run(name, sam_at, total, seed=0):
     """A run record as train_run makes it, for the plots: SAM steps at ``sam_at``."""

@@ -135,6 +135,11 @@ class FlatParams:
         for p in params:
             if not p.requires_grad or id(p) in self._ids:
                 continue
+            if p.device.type == "cpu" and p.is_shared():
+                raise ValueError("params: a parameter is in shared memory (model.share_memory(), e.g. for Hogwild "
+                                 "training); the optimizer would move it into its own buffer and the processes "
+                                 "would stop sharing it. Not supported: build the optimizer on unshared "
+                                 "parameters")
             if not p.dtype.is_floating_point:
                 raise TypeError(f"params: only floating-point parameters can be optimized, got {p.dtype}")
             if type(p).__name__ == "FlatParameter" or type(p).__name__ == "DTensor":
@@ -218,8 +223,9 @@ class FlatParams:
                 if p.data_ptr() != ptr:
                     raise RuntimeError(
                         f"a parameter of shape {tuple(p.shape)} no longer lives in the optimizer's "
-                        f"flat buffer (was the model moved or cast, e.g. model.to()/.half(), after the "
-                        f"optimizer was built?); build the optimizer after moving the model")
+                        f"flat buffer (was the model moved, cast or given new tensors after the optimizer "
+                        f"was built: model.to()/.half(), model.share_memory(), "
+                        f"load_state_dict(assign=True), p.data = ...?); build the optimizer after that")
                 g = p.grad
                 if g is not view:
                     if g is not None:
@@ -227,8 +233,9 @@ class FlatParams:
                             raise TypeError("params: sparse gradients are not supported")
                         view.copy_(g)
                         self._received[self._ids[id(p)]] = True
-                    else:
-                        view.zero_()
+                    else:               # set to None (model.zero_grad()) and not made again since:
+                        view.zero_()    # no gradient this step, whatever the flag said before
+                        self._received[self._ids[id(p)]] = False
                     p.grad = view
                     self._dirty = True
         if not self._warned_unmanaged and any(p.grad is not None for p in self.unmanaged):

@@ -199,28 +199,44 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         else:
             loss = closure()
         if not self.flat.received_any():
+            self.flat.check()                # a re-pointed parameter is the better diagnosis
+        if not self.flat.received_any():
             raise RuntimeError(f"{type(self).__name__}.step(closure): no gradient reached any parameter; the "
                                f"closure must run the forward, call loss.backward() and return the loss "
-                               f"(nothing was changed). Gradients written into .grad by hand work with "
+                               f"(nothing was changed); or the model's parameters are no longer the ones the "
+                               f"optimizer was built on (replaced, e.g. by load_state_dict(assign=True): build "
+                               f"the optimizer after that). Gradients written into .grad by hand work with "
                                f"first_step() / second_step()")
         if not unscale_and_check(self, grad_scaler, first_pass=True):
             return self._skip(loss)
-        snapshot = None
-        if grad_scaler is not None:          # to undo the decision if the second pass overflows
-            self._feed_stats()               # (queued statistics belong to earlier steps: keep them)
-            snapshot = self.controller.state_dict()
-        if self.first_step():
-            try:
-                closure()
-            except BaseException:
-                self._abort()
-                raise
-            if not unscale_and_check(self, grad_scaler, first_pass=False):
-                self._abort()
-                self.controller.load_state_dict(snapshot)
-                return self._skip(loss)
+        snapshot = self._decision_snapshot(grad_scaler)
+        if self.first_step() and not self._second_pass(closure, grad_scaler, snapshot):
+            return self._skip(loss)
         self.second_step()
         return loss
+
+    def _decision_snapshot(self, grad_scaler) -> Optional[dict]:
+        """With a GradScaler, the controller's state before it decides: an overflow in the second
+        pass undoes the decision. (Queued statistics belong to earlier steps: fed first, kept.)"""
+        if grad_scaler is None:
+            return None
+        self._feed_stats()
+        return self.controller.state_dict()
+
+    def _second_pass(self, run: Callable[[], object], grad_scaler, snapshot: Optional[dict]) -> bool:
+        """The second forward/backward at ``w + e``. If it raises, the weights and BatchNorm are
+        put back and the error goes on; if its gradients overflowed (GradScaler), the perturbation
+        and the controller's decision are undone and the result is False: skip the step."""
+        try:
+            run()
+        except BaseException:
+            self._abort()
+            raise
+        if not unscale_and_check(self, grad_scaler, first_pass=False):
+            self._abort()
+            self.controller.load_state_dict(snapshot)
+            return False
+        return True
 
     def _skip(self, loss):
         """A step with non-finite (overflowed) gradients: nothing changes but the count."""

@@ -144,21 +144,19 @@ class AUSAM(TwoPassOptimizer):
             loss0 = per_sample_losses(self, closure, positions, expected, backward=True, grad_scaler=grad_scaler)
             if not unscale_and_check(self, grad_scaler, first_pass=True):
                 return self._skip_batch(loss0, seen)
-            snapshot = self.controller.state_dict()
+            snapshot = self._decision_snapshot(grad_scaler)
             self.first_step()
-            try:
-                loss1 = per_sample_losses(self, closure, positions, expected, backward=True,
-                                          grad_scaler=grad_scaler)
-            except BaseException:
-                self._abort()
-                raise
+            second = []                         # the per-sample losses at w + e
+
+            def second_pass():
+                second.append(per_sample_losses(self, closure, positions, expected, backward=True,
+                                                grad_scaler=grad_scaler))
+            if not self._second_pass(second_pass, grad_scaler, snapshot):
+                return self._skip_batch(loss0, seen)
         except BaseException:
             self._batch_ids = None
             raise
-        if not unscale_and_check(self, grad_scaler, first_pass=False):
-            self._abort()
-            self.controller.load_state_dict(snapshot)
-            return self._skip_batch(loss0, seen)
+        (loss1,) = second
         self.second_step()
         self.record(loss0, loss1)
         return loss0.mean()

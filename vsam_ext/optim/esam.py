@@ -105,20 +105,16 @@ class ESAM(TwoPassOptimizer):
         if not unscale_and_check(self, grad_scaler, first_pass=True):
             self._swp_drawn = False
             return self._skip(loss0.mean())
-        snapshot = self.controller.state_dict()
+        snapshot = self._decision_snapshot(grad_scaler)
         self.first_step()
-        try:
+
+        def second_pass():
             indices = None
             if self.gamma < 1.0:
                 indices = self.select(loss0, per_sample_losses(self, closure, None, batch, backward=False))
             per_sample_losses(self, closure, indices, batch if indices is None else indices.numel(), backward=True,
                               grad_scaler=grad_scaler)
-        except BaseException:
-            self._abort()
-            raise
-        if not unscale_and_check(self, grad_scaler, first_pass=False):
-            self._abort()
-            self.controller.load_state_dict(snapshot)
+        if not self._second_pass(second_pass, grad_scaler, snapshot):
             return self._skip(loss0.mean())
         self.second_step()
         return loss0.mean()

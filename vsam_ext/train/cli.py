@@ -219,7 +219,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from . import report
     from .data import Augment, load_dataset, steps_per_epoch
     from .loop import OPTIMIZERS, VSAM_LIKE, TrainConfig, train_run, vsam_schedule
-    from .models import input_shape
+    from .models import build_model, input_shape
 
     optimizers = _parse_list(cfg["optimizers"], str, "optimizers")
     unknown = [o for o in optimizers if o not in OPTIMIZERS]
@@ -237,6 +237,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         shape = input_shape(cfg["model"])
     except ValueError as exc:
         raise SystemExit(f"--model: {exc}") from None
+    try:
+        with torch.device("meta"):               # the model's own rules (WideResNet depth/widen), no memory
+            build_model(cfg["model"])
+    except ValueError as exc:
+        raise SystemExit(f"--model: {exc}") from None
+    for key in ("train_size", "test_size"):
+        if cfg[key] is not None and cfg[key] < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1 (or left out: all of it), got {cfg[key]}")
+    if cfg["val_size"] is not None and cfg["val_size"] < 0:
+        raise SystemExit(f"--val-size must be >= 0, got {cfg['val_size']}")
     want_c = 1 if cfg["dataset"] == "fmnist" else 3
     if shape[0] != want_c:
         raise SystemExit(f"--model {cfg['model']} takes {shape[0]}-channel images, {cfg['dataset']} has {want_c}")
@@ -265,6 +275,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     t_load = time.perf_counter() - t_load
     spe = steps_per_epoch(len(data.y_train), cfg["batch_size"])
     total = spe * cfg["epochs"]
+    if total < 1:
+        raise SystemExit(f"no training step: {len(data.y_train)} training images make no batch of "
+                         f"{cfg['batch_size']}")
     warmup, window, n_windows = vsam_schedule(total, cfg["warmup_steps"], cfg["window"], cfg["warmup_frac"])
     if window < 2 or window * 0.8 < 1:
         raise SystemExit(f"--window must be >= 2, got {window}")
