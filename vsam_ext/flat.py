@@ -196,11 +196,9 @@ class FlatParams:
         """Zero every gradient in place. A ``.grad`` that was replaced (``model.zero_grad()`` set
         it to None and a backward made a new one) goes back to its view, zeroed too: it belongs
         to no step yet (it used to be added to the next step's gradient)."""
-        for buf in self.buffers:
-            for p, view in zip(buf.params, buf.grad_views):
-                if p.grad is not view:
-                    p.grad = view
-                    self._dirty = True
+        for p, view in self._replaced_grads():
+            p.grad = view
+            self._dirty = True
         if self._dirty:
             for buf in self.buffers:
                 buf.grad.zero_()
@@ -211,8 +209,15 @@ class FlatParams:
     def received_any(self) -> bool:
         """Whether any gradient reached a managed parameter since the last zeroing: through
         autograd, or as a new ``.grad`` tensor (in-place writes into the views are not seen)."""
-        return any(self._received) or any(p.grad is not view for buf in self.buffers
-                                          for p, view in zip(buf.params, buf.grad_views))
+        return any(self._received) or any(True for _ in self._replaced_grads())
+
+    def _replaced_grads(self):
+        """(parameter, its flat gradient view) for every managed parameter whose ``.grad`` is no
+        longer that view (set to None, or a new tensor from a backward after that)."""
+        for buf in self.buffers:
+            for p, view in zip(buf.params, buf.grad_views):
+                if p.grad is not view:
+                    yield p, view
 
     def check(self) -> List[torch.Tensor]:
         """Before a step: refuse re-pointed parameters, pull in gradients that landed outside
