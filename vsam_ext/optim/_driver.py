@@ -46,6 +46,8 @@ def on_one_device(scalars: List[torch.Tensor], device: torch.device) -> List[tor
     for s in scalars:
         dtype = torch.promote_types(dtype, s.dtype)
     return [s.to(device, dtype, non_blocking=True) for s in scalars]
+
+
 _FORMAT = 1
 
 
