@@ -18,6 +18,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .shards import ShardBuffer, ShardGroup, check_param_kind, is_dtensor
+
 __all__ = ["FlatBuffer", "FlatParams", "segment_view", "own_storage"]
 
 
@@ -65,6 +67,8 @@ _HAS_ALIAS = _has_alias()
 class FlatBuffer:
     """The parameters of one (group, device, dtype), packed in registration order."""
 
+    sharded = False
+
     def __init__(self, group_index: int, params: Sequence[torch.Tensor], scaled: bool = False) -> None:
         first = params[0]
         self.group_index = group_index
@@ -105,6 +109,13 @@ class FlatBuffer:
     def new_buffer(self) -> torch.Tensor:
         return torch.zeros(self.numel, dtype=self.dtype, device=self.device)
 
+    def load_weights(self, source: torch.Tensor) -> None:
+        """``param <- source`` (a flat buffer of ours, e.g. the saved weights)."""
+        self.param.copy_(source)
+
+    def layout(self) -> list:
+        return [self.group_index, str(self.dtype), self.numel, [list(p.shape) for p in self.params]]
+
 
 class FlatParams:
     """All flat buffers of one optimizer, plus which parameters got a gradient this step."""
@@ -123,6 +134,7 @@ class FlatParams:
         self.stat_tensors = stat_tensors
         self._warned_unmanaged = False
         self.unmanaged: List[torch.Tensor] = []   # frozen at construction: the base optimizer's alone
+        self.shard_group: Optional[ShardGroup] = None   # FSDP2: scalars are summed over it
 
     # -- construction -------------------------------------------------------------------
     def add_group(self, group_index: int, params: Sequence[torch.Tensor],
@@ -142,12 +154,11 @@ class FlatParams:
                                  "parameters")
             if not p.dtype.is_floating_point:
                 raise TypeError(f"params: only floating-point parameters can be optimized, got {p.dtype}")
-            if type(p).__name__ == "FlatParameter" or type(p).__name__ == "DTensor":
-                raise TypeError(f"params: a {type(p).__name__} (FSDP) is not supported yet: the flat buffers "
-                                f"would take over storage FSDP manages; use DistributedDataParallel")
+            check_param_kind(p)
             buckets.setdefault((p.device, p.dtype, bool(scaled(p)) if scaled else False), []).append(p)
         for (_, _, is_scaled), bucket in buckets.items():
-            self.buffers.append(FlatBuffer(group_index, bucket, is_scaled))
+            kind = ShardBuffer if is_dtensor(bucket[0]) else FlatBuffer
+            self.buffers.append(kind(group_index, bucket, is_scaled))
         self.unmanaged += [p for p in params if not p.requires_grad and id(p) not in self._ids]
         for p in params:
             if p.requires_grad and id(p) not in self._ids:
@@ -155,7 +166,9 @@ class FlatParams:
                 self._ids[id(p)] = index
                 self.managed.append(p)
                 self._received.append(had_grad[id(p)])
-                self._hooks.append(p.register_hook(self._make_hook(index)))
+                if not is_dtensor(p):        # FSDP2 hands gradients over after its reduce-scatter
+                    self._hooks.append(p.register_hook(self._make_hook(index)))
+        self.shard_group = ShardGroup.of(self.managed)
         self._dirty = True
         self._place_stat_range()
 
@@ -190,7 +203,8 @@ class FlatParams:
         """The fused ops wrote the parameters through the flat buffer: bump their version
         counters, as an in-place update of each would (autograd then refuses a graph that saved
         the old values)."""
-        torch.autograd.graph.increment_version(self.managed)
+        torch.autograd.graph.increment_version(
+            [t for b in self.buffers for t in (b.param if b.sharded else b.params)])
 
     def zero_grads(self) -> None:
         """Zero every gradient in place. A ``.grad`` that was replaced (``model.zero_grad()`` set
@@ -199,9 +213,15 @@ class FlatParams:
         for p, view in self._replaced_grads():
             p.grad = view
             self._dirty = True
+        for b in self.buffers:
+            if b.sharded:                    # FSDP2's gradients are its own: dropped, as torch does
+                for p in b.params:
+                    p.grad = None
+                    self._received[self._ids[id(p)]] = False
         if self._dirty:
             for buf in self.buffers:
-                buf.grad.zero_()
+                if not buf.sharded:
+                    buf.grad.zero_()
             for i in range(len(self._received)):
                 self._received[i] = False
             self._dirty = False
@@ -209,12 +229,15 @@ class FlatParams:
     def received_any(self) -> bool:
         """Whether any gradient reached a managed parameter since the last zeroing: through
         autograd, or as a new ``.grad`` tensor (in-place writes into the views are not seen)."""
-        return any(self._received) or any(True for _ in self._replaced_grads())
+        return (any(self._received) or any(True for _ in self._replaced_grads())
+                or any(p.grad is not None for b in self.buffers if b.sharded for p in b.params))
 
     def _replaced_grads(self):
         """(parameter, its flat gradient view) for every managed parameter whose ``.grad`` is no
         longer that view (set to None, or a new tensor from a backward after that)."""
         for buf in self.buffers:
+            if buf.sharded:
+                continue
             for p, view in zip(buf.params, buf.grad_views):
                 if p.grad is not view:
                     yield p, view
@@ -224,6 +247,13 @@ class FlatParams:
         the flat buffer (e.g. after ``model.zero_grad()`` set them to None), and return the
         managed parameters that got no gradient (they are left untouched this step)."""
         for buf in self.buffers:
+            if buf.sharded:
+                if buf.moved():
+                    raise RuntimeError("a sharded parameter has a new local tensor (was the model moved or "
+                                       "re-sharded after the optimizer was built?); build the optimizer after that")
+                for p in buf.params:
+                    self._received[self._ids[id(p)]] = p.grad is not None
+                continue
             for p, ptr, view in zip(buf.params, buf.data_ptrs, buf.grad_views):
                 if p.data_ptr() != ptr:
                     raise RuntimeError(
@@ -256,7 +286,7 @@ class FlatParams:
 
     def state_layout(self) -> List[list]:
         """Per buffer: [group, dtype, numel, the shapes of its tensors] (plain lists)."""
-        return [[b.group_index, str(b.dtype), b.numel, [list(p.shape) for p in b.params]] for b in self.buffers]
+        return [b.layout() for b in self.buffers]
 
 
 def _remove_hooks(handles) -> None:

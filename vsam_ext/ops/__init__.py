@@ -22,7 +22,7 @@ import torch
 
 from . import reference
 
-__all__ = ["available_backends", "resolve_backend", "backend_module", "reference"]
+__all__ = ["available_backends", "resolve_backend", "resolve_dispatch", "backend_module", "reference"]
 
 
 def _load() -> Dict[str, types.ModuleType]:
@@ -77,6 +77,10 @@ def resolve_backend(name: Optional[str], devices: Iterable[torch.device] = ()) -
     order = _default_order(device_type)
     if len(types_) > 1:              # mixed devices: only the reference runs everywhere
         order = ["reference"]
+    return _best(order, device_type)
+
+
+def _best(order: List[str], device_type: str) -> Tuple[str, types.ModuleType]:
     chosen = next(b for b in order if b in _BACKENDS)
     if chosen != order[0] and (device_type, chosen) not in _warned:
         _warned.add((device_type, chosen))
@@ -84,3 +88,17 @@ def resolve_backend(name: Optional[str], devices: Iterable[torch.device] = ()) -
         warnings.warn(f"vsam_ext: backend {order[0]!r} is unavailable for {device_type} tensors ({why}); "
                       f"using {chosen!r}", stacklevel=3)
     return chosen, _BACKENDS[chosen]
+
+
+def resolve_dispatch(name: Optional[str], devices: Iterable[torch.device] = ()) -> Tuple[str, "Dispatch"]:
+    """The ops an optimizer calls (``lists.Dispatch``: flat buffers or tensor lists) and their
+    label: ``name`` (or ``$VSAM_EXT_BACKEND``) for every device when given, else the best backend
+    per device type, so a model on several devices (CPU and CUDA) runs each device's fused
+    backend; the label is then e.g. ``"cuda+cpu"``."""
+    from .lists import Dispatch
+    kinds = list(dict.fromkeys(torch.device(d).type for d in devices)) or ["cpu"]
+    if len(kinds) == 1 or (name or os.environ.get("VSAM_EXT_BACKEND") or "auto") != "auto":
+        label, module = resolve_backend(name, devices if len(kinds) == 1 else [torch.device(kinds[0])])
+        return label, Dispatch({kind: module for kind in kinds})
+    chosen = {kind: _best(_default_order(kind), kind) for kind in kinds}
+    return "+".join(label for label, _ in chosen.values()), Dispatch({k: m for k, (_, m) in chosen.items()})

@@ -33,5 +33,9 @@ def unscale_and_check(opt, scaler: Optional["torch.amp.GradScaler"], first_pass:
             if flag is None:
                 flag = found[b.device] = torch.zeros(1, device=b.device)
             torch._amp_foreach_non_finite_check_and_unscale_(
-                [b.grad], flag, torch.full((1,), inv, dtype=torch.float32, device=b.device))
+                b.grad if b.sharded else [b.grad], flag, torch.full((1,), inv, dtype=torch.float32, device=b.device))
+    group = opt.flat.shard_group
+    if group is not None:                    # FSDP2: an overflow on any rank skips the step on all
+        for v in found.values():
+            group.all_reduce(v, op="max")
     return not any(bool(v.item()) for v in found.values())

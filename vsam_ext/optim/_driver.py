@@ -115,7 +115,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             self._add_flat_group(i, group)
         if not self.flat.managed:
             raise ValueError("params: no parameter requires grad, so there is nothing to optimize")
-        self.backend, self._ops = ops.resolve_backend(backend, [b.device for b in self.flat.buffers])
+        self.backend, self._ops = ops.resolve_dispatch(backend, [b.device for b in self.flat.buffers])
         self._fused_base = fused_base_for(self.base_optimizer) if fused_base else None
         self._phase: Optional[str] = None      # None, "sam" (between the passes) or "cheap"
         self.skipped_steps = 0                 # steps skipped for non-finite gradients (GradScaler)
@@ -354,7 +354,13 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                                  f"it decides the buffer layout, so build a new optimizer")
             weight = b.param if scaled and b.scaled else None
             sums.append(self._ops.segment_sumsq(b.grad, [0, b.numel], weight, group["eta"]))
-        return torch.cat(on_one_device(sums, home)).sum()
+        return self._global(torch.cat(on_one_device(sums, home)).sum())
+
+    def _global(self, local: torch.Tensor) -> torch.Tensor:
+        """A sum over the local elements made the sum over all of them: summed over the ranks
+        that shard the parameters (FSDP2); unchanged otherwise."""
+        group = self.flat.shard_group
+        return local if group is None else group.all_reduce(local.contiguous())
 
     def _perturb(self, norm: Optional[torch.Tensor] = None, radius_factor: float = 1.0) -> None:
         """``w <- w + rho * T^2 g / (||T g|| + eps)`` on every buffer (``radius_factor``
@@ -383,6 +389,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         finally:
             if self._inactive:
                 for buf in self.flat.buffers:
+                    if buf.sharded:
+                        continue
                     for p, view in zip(buf.params, buf.grad_views):
                         p.grad = view
                 self._inactive = []
@@ -392,7 +400,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         if self._phase == "sam":
             _bn.unfreeze_running_stats(self._bn_modules, self._bn_flags)
             for b in self.flat.buffers:
-                b.param.copy_(b.backup)
+                b.load_weights(b.backup)
             self.flat.written()
             self._on_abort()
         self._phase = None

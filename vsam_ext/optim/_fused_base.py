@@ -5,6 +5,10 @@ The base optimizer keeps owning its state: its per-parameter tensors (``momentum
 update in one pass. ``state_dict()``, LR schedulers and a fallback to ``base.step()`` (some
 parameter got no gradient, an unsupported option) therefore keep working: after a fallback,
 the state is gathered back into the flat buffers before the next fused step.
+
+Sharded parameters (``shards.ShardBuffer``, FSDP2) keep their state tensors where torch's
+optimizer would have them: one DTensor per parameter, shaped and sharded like it (what a
+sharded checkpoint saves); the fused ops take lists of their local tensors.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from typing import List, Optional
 import torch
 
 from ..flat import FlatBuffer, segment_view
+from ..shards import is_dtensor
 
 __all__ = ["fused_base_for"]
 
@@ -27,7 +32,8 @@ class _FusedBase:
 
     def __init__(self, base: torch.optim.Optimizer) -> None:
         self.base = base
-        self.flat_state: dict = {}     # id(FlatBuffer) -> {key: flat tensor}
+        self.flat_state: dict = {}     # id(buffer) -> {key: flat tensor, or list of local tensors}
+        self.shard_state: dict = {}    # id(ShardBuffer) -> {key: the per-parameter state tensors}
         self.valid = False             # the base's state tensors are our views
         self.warned = False
 
@@ -62,6 +68,8 @@ class _FusedBase:
                               f"parameter missed steps), so the base step runs unfused (base.step())",
                               stacklevel=5)
             return False
+        if buf.sharded:
+            return self._gather_shards(buf, states, any(have))
         flat = self.flat_state.setdefault(id(buf), {k: buf.new_buffer() for k in self.keys})
         if not any(have):
             self._fresh(buf)
@@ -75,7 +83,25 @@ class _FusedBase:
         self._gathered(buf, states)
         return True
 
+    def _gather_shards(self, buf, states, have: bool) -> bool:
+        """The state of sharded parameters stays per parameter; fresh state is created here and
+        handed to the base optimizer after the first fused step (as for flat buffers)."""
+        if have:
+            tensors = {k: [s[k] for s in states] for k in self.keys}
+            self._gathered(buf, states)
+        else:
+            tensors = {k: [torch.zeros_like(p) for p in buf.params] for k in self.keys}
+            self._fresh(buf)
+        self.shard_state[id(buf)] = tensors
+        self.flat_state[id(buf)] = {k: [t.to_local() if is_dtensor(t) else t for t in ts] for k, ts in tensors.items()}
+        return True
+
     def _install(self, buf: FlatBuffer) -> None:
+        if buf.sharded:
+            for k, tensors in self.shard_state[id(buf)].items():
+                for p, t in zip(buf.params, tensors):
+                    self.base.state[p][k] = t
+            return
         flat = self.flat_state[id(buf)]
         for p, start in zip(buf.params, buf.offsets):
             state = self.base.state[p]

@@ -76,10 +76,11 @@ class LookSAM(TwoPassOptimizer):
         self._inv_gv = []
         for i, b in enumerate(self.flat.buffers):
             bounds = b.bounds()
-            gram = self._ops.segment_gram(b.psf, b.grad, bounds)       # (|g|^2, <g, g_s>, |g_s|^2)
+            gram = self._global(self._ops.segment_gram(b.psf, b.grad, bounds))   # (|g|^2, <g, g_s>, |g_s|^2)
             g_sq = gram[:, 0]
             coeff = torch.where(g_sq > 0, gram[:, 1] / torch.where(g_sq > 0, g_sq, 1.0), 0.0)
-            gv_sq = self._ops.segment_axpby(b.psf, b.grad, -coeff.to(_maths_dtype(b)), self._ones_for(i, b), bounds)
+            gv_sq = self._global(self._ops.segment_axpby(b.psf, b.grad, -coeff.to(_maths_dtype(b)),
+                                                         self._ones_for(i, b), bounds))
             noise = 4 * torch.finfo(b.dtype).eps * gram[:, 2].sqrt()
             gv_norm = gv_sq.to(gram.dtype).sqrt()
             self._inv_gv.append(torch.where(gv_norm > noise, 1.0 / (gv_norm + EPS), 0.0))
@@ -89,7 +90,7 @@ class LookSAM(TwoPassOptimizer):
             if inv_gv is None:
                 continue
             bounds = b.bounds()
-            g_norm = self._ops.segment_sumsq(b.grad, bounds).sqrt()
+            g_norm = self._global(self._ops.segment_sumsq(b.grad, bounds)).sqrt()
             coeff = self.alpha * g_norm.to(inv_gv.dtype) * inv_gv
             self._ops.segment_axpby(b.grad, b.psf, self._ones_for(i, b), coeff.to(_maths_dtype(b)), bounds)
 

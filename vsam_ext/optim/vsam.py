@@ -82,7 +82,7 @@ class VSAM(TwoPassOptimizer):
 
     def _record_psf(self, pairs) -> None:
         home = self.flat.buffers[0].device
-        sums = torch.stack(on_one_device(pairs, home)).sum(0)
+        sums = self._global(torch.stack(on_one_device(pairs, home)).sum(0))
         if self._pending.full():
             self._feed_stats()
         self._pending.push(sums)
