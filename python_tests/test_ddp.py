@@ -113,14 +113,15 @@ def test_ddp_equals_one_process_on_the_whole_batch(ranks, name):
         torch.testing.assert_close(p, q.detach(), rtol=1e-9, atol=1e-12)
 
 
-def test_fsdp_parameters_are_refused_clearly():
-    """FSDP is not supported yet: its FlatParameter (and FSDP2's DTensor) must not be silently
-    re-pointed into our buffers."""
-    class FlatParameter(torch.nn.Parameter):       # stands in for FSDP's (same class name)
+def test_fsdp1_flat_parameter_is_refused_clearly():
+    """FSDP1's FlatParameter mixes the shards of many tensors: refused by name, pointing at FSDP2
+    (supported: python_tests/test_fsdp.py)."""
+    class FlatParameter(torch.nn.Parameter):       # stands in for FSDP1's (same class name)
         pass
     p = FlatParameter(torch.zeros(4))
-    with pytest.raises(TypeError, match="FlatParameter \\(FSDP\\) is not supported yet"):
+    with pytest.raises(TypeError, match="FSDP1 FlatParameter .* use FSDP2"):
         vx.SAM([p], torch.optim.SGD, lr=0.1)
+    assert torch.equal(p, torch.zeros(4)) and p.grad is None
 
 
 def test_per_rank_perturbation_is_m_sharpness(ranks):

@@ -116,6 +116,14 @@ class FlatBuffer:
     def layout(self) -> list:
         return [self.group_index, str(self.dtype), self.numel, [list(p.shape) for p in self.params]]
 
+    def export(self, own: torch.Tensor) -> torch.Tensor:
+        """A buffer of ours (PSF, g_v) as a checkpoint holds it: the flat tensor itself."""
+        return own
+
+    def restore(self, own: torch.Tensor, saved) -> None:
+        """``own <- saved`` (what ``export`` gave, as loaded from a checkpoint)."""
+        own.copy_(saved)
+
 
 class FlatParams:
     """All flat buffers of one optimizer, plus which parameters got a gradient this step."""

@@ -159,6 +159,17 @@ class ShardBuffer:
                                    run_check=False) if is_dtensor(p) else v
                 for v, p in zip(views, self.params)]
 
+    def export(self, own: torch.Tensor) -> list:
+        return self.as_dtensors(own)
+
+    def restore(self, own: torch.Tensor, saved: list) -> None:
+        """``own <- saved`` per parameter (DCP may already have loaded into these very views)."""
+        for dst, src in zip(self.as_dtensors(own), saved):
+            dst_local = dst.to_local() if is_dtensor(dst) else dst
+            src_local = src.to_local() if is_dtensor(src) else src
+            if src_local.data_ptr() != dst_local.data_ptr():
+                dst_local.copy_(src_local.view_as(dst_local))
+
     def layout(self) -> list:
         return [self.group_index, str(self.dtype), sum(p.numel() for p in self.params),
                 [list(p.shape) for p in self.params], "sharded"]

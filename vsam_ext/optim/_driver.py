@@ -32,6 +32,7 @@ from ._asam import resolve_adaptive
 from ._ddp import check_perturbation, mean_across_ranks
 from ._fused_base import fused_base_for
 from ._kwargs import check_base_kwargs
+from ._sharded_checkpoint import add_placeholders, loaded_base_state
 from ._step_hooks import post_hooks, pre_hooks, run_as_step
 
 __all__ = ["TwoPassOptimizer"]
@@ -448,11 +449,15 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         if self._phase is not None:
             raise RuntimeError("state_dict() between first_step() and second_step(): finish the step first")
         self._feed_stats()
-        return {"base": self.base_optimizer.state_dict(),
+        base = self.base_optimizer.state_dict()
+        stateful = len(base["state"])
+        placeholders = add_placeholders(self, base) if self.flat.shard_group is not None else []
+        return {"base": base,
                 "vsam_ext": {"format": _FORMAT, "optimizer": type(self).__name__,
                              "layout": self.flat.state_layout(),
                              "controller": self.controller.state_dict(),
                              "skipped_steps": self.skipped_steps,
+                             "stateful_params": stateful, "placeholders": placeholders,
                              "extra": self._extra_state()}}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -471,7 +476,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
             raise ValueError(f"state_dict: parameter layout {layout} (group, dtype, numel, tensor shapes per "
                              f"buffer) does not match this optimizer's {self.flat.state_layout()}")
         self._feed_stats()                   # drop nothing queued into the state we replace
-        self.base_optimizer.load_state_dict(state_dict["base"])
+        self.base_optimizer.load_state_dict(loaded_base_state(ours, state_dict["base"]))
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         if self._fused_base is not None:

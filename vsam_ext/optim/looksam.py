@@ -98,16 +98,23 @@ class LookSAM(TwoPassOptimizer):
         self._inv_gv = []          # the g_v buffers hold this step's g now
 
     def _extra_state(self) -> dict:
-        return {"gv": [b.psf if inv is not None else None for b, inv in zip(self.flat.buffers, self._inv_gv)],
-                "inv_gv": list(self._inv_gv)}
+        # Every buffer's g_v and 1/||g_v|| are there even before the first SAM step ("present"
+        # says which hold one): a sharded checkpoint is loaded into the tensors a state_dict() holds.
+        present = [i < len(self._inv_gv) and self._inv_gv[i] is not None for i in range(len(self.flat.buffers))]
+        for b in self.flat.buffers:
+            if b.psf is None:
+                b.psf = b.new_buffer()
+        return {"present": present, "gv": [b.export(b.psf) for b in self.flat.buffers],
+                "inv_gv": [self._inv_gv[i] if has else torch.zeros(len(b.offsets), dtype=_maths_dtype(b), device=b.device)
+                           for i, (b, has) in enumerate(zip(self.flat.buffers, present))]}
 
     def _load_extra_state(self, state: dict) -> None:
         self._inv_gv = []
-        for b, gv, inv in zip(self.flat.buffers, state["gv"], state["inv_gv"]):
-            if gv is None:
+        for b, has, gv, inv in zip(self.flat.buffers, state["present"], state["gv"], state["inv_gv"]):
+            if not has:
                 self._inv_gv.append(None)
                 continue
             if b.psf is None:
                 b.psf = b.new_buffer()
-            b.psf.copy_(gv)
+            b.restore(b.psf, gv)
             self._inv_gv.append(inv.to(device=b.device))

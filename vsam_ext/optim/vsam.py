@@ -122,8 +122,16 @@ class VSAM(TwoPassOptimizer):
         return dict(super().stats, psf_age=self.psf_age)
 
     def _extra_state(self) -> dict:
+        # A sharded checkpoint is loaded into the tensors a state_dict() holds: every buffer
+        # is there, even before the first PSF (then unused: has_psf is False).
         return {"psf_age": self.psf_age, "has_psf": self.has_psf,
-                "psf": [b.psf if self.has_psf else None for b in self.flat.buffers]}
+                "psf": [b.export(self._own_psf(b)) if self.has_psf or b.sharded else None for b in self.flat.buffers]}
+
+    @staticmethod
+    def _own_psf(b):
+        if b.psf is None:
+            b.psf = b.new_buffer()
+        return b.psf
 
     def _load_extra_state(self, state: dict) -> None:
         self.psf_age = int(state["psf_age"])
@@ -132,6 +140,4 @@ class VSAM(TwoPassOptimizer):
             for b, saved in zip(self.flat.buffers, state["psf"]):
                 if saved is None:                # a buffer added after the last SAM step
                     continue
-                if b.psf is None:
-                    b.psf = b.new_buffer()
-                b.psf.copy_(saved)
+                b.restore(self._own_psf(b), saved)
