@@ -105,11 +105,14 @@ def per_tensor(backend: types.ModuleType) -> types.SimpleNamespace:
     return types.SimpleNamespace(**{f"{op}_list": found[f"{op}_list"] for op in _LIST_OPS})
 
 
-def list_ops(backend: types.ModuleType):
-    """``backend``'s own list ops when it has them all, else the per-tensor loop."""
-    if all(hasattr(backend, f"{op}_list") for op in _LIST_OPS):
-        return backend
-    return per_tensor(backend)
+def list_ops(backend: types.ModuleType, device_type: str = "cpu"):
+    """``backend``'s own list ops when it has them all for ``device_type`` (the compiled
+    extension may have them for one device type only), else the per-tensor loop."""
+    native = all(hasattr(backend, f"{op}_list") for op in _LIST_OPS)
+    if native and hasattr(backend, "has_kernel"):     # the compiled extension: kernels per device type
+        key = "CUDA" if device_type == "cuda" else "CPU"
+        native = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"vsam_ext::{op}_list", key) for op in _LIST_OPS)
+    return backend if native else per_tensor(backend)
 
 
 def _tensor_ranges(bounds: Sequence[int], sizes: Sequence[int]) -> List[range]:
@@ -138,12 +141,12 @@ class Dispatch:
 
     def __init__(self, backends: Dict[str, types.ModuleType]) -> None:
         self.backends = backends
-        self._lists = {kind: list_ops(m) for kind, m in backends.items()}
+        self._lists = {kind: list_ops(m, kind) for kind, m in backends.items()}
 
     def _flat_backend(self, t: torch.Tensor) -> types.ModuleType:
         return self.backends[t.device.type]
 
-    def _list_backend(self, ts: Sequence[torch.Tensor], sizes):
+    def _list_backend(self, ts: Sequence[torch.Tensor]):
         kind = ts[0].device.type if ts else "cpu"
         return self._lists.get(kind) or self._lists[next(iter(self._lists))]
 
@@ -171,7 +174,7 @@ class Dispatch:
         if not isinstance(x, list):
             return self._flat_backend(x).segment_sumsq(x, bounds, weight, eta)
         sizes = self._sizes(x)
-        per = self._list_backend(x, sizes).segment_sumsq_list(x, _split(weight, sizes), eta)
+        per = self._list_backend(x).segment_sumsq_list(x, _split(weight, sizes), eta)
         return self._by_range(per, bounds, sizes)
 
     def segment_gram(self, a, b, bounds):
@@ -179,7 +182,7 @@ class Dispatch:
             return self._flat_backend(a).segment_gram(a, b, bounds)
         ref = b if isinstance(b, list) else a
         sizes = self._sizes(ref)
-        per = self._list_backend(ref, sizes).segment_gram_list(_split(a, sizes), _split(b, sizes))
+        per = self._list_backend(ref).segment_gram_list(_split(a, sizes), _split(b, sizes))
         return self._by_range(per, bounds, sizes)
 
     def segment_axpby(self, y, x, alpha, beta, bounds):
@@ -189,7 +192,7 @@ class Dispatch:
         sizes = self._sizes(ref)
         ranges = _tensor_ranges(bounds, sizes)
         counts = torch.tensor([len(r) for r in ranges], device=alpha.device)
-        per = self._list_backend(ref, sizes).segment_axpby_list(
+        per = self._list_backend(ref).segment_axpby_list(
             _split(y, sizes), _split(x, sizes), alpha.repeat_interleave(counts), beta.repeat_interleave(counts))
         return self._by_range(per, bounds, sizes)
 
@@ -197,28 +200,28 @@ class Dispatch:
         if not isinstance(param, list):
             return self._flat_backend(param).perturb(param, grad, scale, backup, adaptive, grad_keep, eta)
         sizes = self._sizes(param)
-        self._list_backend(param, sizes).perturb_list(param, grad, scale, _split(backup, sizes), adaptive,
+        self._list_backend(param).perturb_list(param, grad, scale, _split(backup, sizes), adaptive,
                                                       _split(grad_keep, sizes), eta)
 
     def restore_psf_stats(self, param, backup, grad_sam, psf, stat_start: int):
         if not isinstance(param, list):
             return self._flat_backend(param).restore_psf_stats(param, backup, grad_sam, psf, stat_start)
         sizes = self._sizes(param)
-        return self._list_backend(param, sizes).restore_psf_stats_list(
+        return self._list_backend(param).restore_psf_stats_list(
             param, _split(backup, sizes), grad_sam, _split(psf, sizes), self._stat_first(stat_start, sizes))
 
     def reuse(self, grad, psf, coeff: float):
         if not isinstance(grad, list):
             return self._flat_backend(grad).reuse(grad, psf, coeff)
         sizes = self._sizes(grad)
-        self._list_backend(grad, sizes).reuse_list(grad, _split(psf, sizes), coeff)
+        self._list_backend(grad).reuse_list(grad, _split(psf, sizes), coeff)
 
     def sgd_step(self, param, grad, momentum_buffer, psf, backup, coeff, stat_start, *rest):
         if not isinstance(param, list):
             return self._flat_backend(param).sgd_step(param, grad, momentum_buffer, psf, backup, coeff,
                                                       stat_start, *rest)
         sizes = self._sizes(param)
-        return self._list_backend(param, sizes).sgd_step_list(
+        return self._list_backend(param).sgd_step_list(
             param, grad, _split(momentum_buffer, sizes), _split(psf, sizes), _split(backup, sizes), coeff,
             self._stat_first(stat_start, sizes), *rest)
 
@@ -227,6 +230,6 @@ class Dispatch:
             return self._flat_backend(param).adamw_step(param, grad, exp_avg, exp_avg_sq, psf, backup, coeff,
                                                         stat_start, *rest)
         sizes = self._sizes(param)
-        return self._list_backend(param, sizes).adamw_step_list(
+        return self._list_backend(param).adamw_step_list(
             param, grad, _split(exp_avg, sizes), _split(exp_avg_sq, sizes), _split(psf, sizes),
             _split(backup, sizes), coeff, self._stat_first(stat_start, sizes), *rest)
