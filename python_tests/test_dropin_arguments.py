@@ -161,7 +161,7 @@ def test_every_option_is_in_the_signature_and_the_docstring(owner):
         assert name in sig, (owner, name)
     for name in ours:
         assert f"``{name}``" in cls.__doc__, (owner, name)     # documented, by name
-    for name in ("eta", "adaptive_params", "fused_base", "perturbation", "total_steps"):   # new: keyword-only
+    for name in ("eta", "adaptive_params", "fused_base", "perturbation", "param_storage", "total_steps"):  # keyword-only
         if name in sig and not (owner == "AESAM" and name == "total_steps"):
             assert sig[name].kind is inspect.Parameter.KEYWORD_ONLY, (owner, name)
 

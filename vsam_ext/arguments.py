@@ -84,6 +84,7 @@ _COMMON: Dict[str, Rule] = {
     "eta": Rule("float", 0.0, INF, high_open=True, optional=True),   # None: the flavour's default
     "perturbation": Rule("choice", choices=("global", "per_rank")),
     "fused_base": Rule("bool"),
+    "param_storage": Rule("choice", choices=("flat", "in_place")),
 }
 _SEED = Rule("int", 0)
 TABLE: Dict[str, Dict[str, Rule]] = {

@@ -128,7 +128,8 @@ class FlatBuffer:
 class FlatParams:
     """All flat buffers of one optimizer, plus which parameters got a gradient this step."""
 
-    def __init__(self, stat_tensors: Optional[int] = None) -> None:
+    def __init__(self, stat_tensors: Optional[int] = None, in_place: bool = False) -> None:
+        self.in_place = in_place                  # every parameter left where it lives (ShardBuffer)
         self.buffers: List[FlatBuffer] = []
         self.managed: List[torch.Tensor] = []     # registration order, across buffers
         self._ids: Dict[int, int] = {}
@@ -165,7 +166,7 @@ class FlatParams:
             check_param_kind(p)
             buckets.setdefault((p.device, p.dtype, bool(scaled(p)) if scaled else False), []).append(p)
         for (_, _, is_scaled), bucket in buckets.items():
-            kind = ShardBuffer if is_dtensor(bucket[0]) else FlatBuffer
+            kind = ShardBuffer if self.in_place or is_dtensor(bucket[0]) else FlatBuffer
             self.buffers.append(kind(group_index, bucket, is_scaled))
         self.unmanaged += [p for p in params if not p.requires_grad and id(p) not in self._ids]
         for p in params:

@@ -75,7 +75,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                  adaptive=False, eta: Optional[float] = None, adaptive_params=None,
                  model: Optional[torch.nn.Module] = None,
                  backend: Optional[str] = None, stat_tensors: Optional[int] = None, fused_base: bool = True,
-                 perturbation: str = "global", **base_kwargs) -> None:
+                 perturbation: str = "global", param_storage: str = "flat", **base_kwargs) -> None:
         check_base_kwargs(self, base_optimizer, base_kwargs)     # a typo names our class, not the base's
         rho = check_rho(rho)
         check("SAM", "fused_base", fused_base)
@@ -86,7 +86,7 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         self._per_rank_ddp = check_perturbation(perturbation, model)
         self.controller = controller
         self.base_optimizer: Optional[torch.optim.Optimizer] = None
-        self.flat = FlatParams(stat_tensors)
+        self.flat = FlatParams(stat_tensors, in_place=check("SAM", "param_storage", param_storage) == "in_place")
         params = _param_list(params)
         ours = dict(rho=rho, adaptive=adaptive, eta=eta)
         if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
@@ -147,9 +147,11 @@ class TwoPassOptimizer(torch.optim.Optimizer):
         ``set_to_none=True`` (torch's default) cannot drop them without undoing that layout, so it
         zeroes in place too and warns once; what None means to torch still holds for the step: a
         parameter that gets no gradient in the next backward is left untouched (no decay, no
-        momentum). Parameters outside the buffers (frozen at construction) get None.
+        momentum). Parameters outside the buffers (frozen at construction) get None, and so do the
+        parameters left in place (``param_storage="in_place"``, FSDP2), as torch does.
         ``model.zero_grad()`` works too (gradients set to None are pulled back in, with a copy)."""
-        if set_to_none and not getattr(self, "_warned_set_to_none", False):
+        if set_to_none and not all(b.sharded for b in self.flat.buffers) \
+                and not getattr(self, "_warned_set_to_none", False):
             self._warned_set_to_none = True
             warn_user(f"{type(self).__name__}.zero_grad(set_to_none=True): the gradients are views of one flat "
                       f"buffer, so they are zeroed in place (a zero tensor, not None; no memory is freed); a "
@@ -354,7 +356,8 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"adaptive of param group {b.group_index} changed after the optimizer was built; "
                                  f"it decides the buffer layout, so build a new optimizer")
             weight = b.param if scaled and b.scaled else None
-            sums.append(self._ops.segment_sumsq(b.grad, [0, b.numel], weight, group["eta"]))
+            # Per tensor, then added: the same sums, in the same order, as over tensor lists.
+            sums.append(self._ops.segment_sumsq(b.grad, b.bounds(), weight, group["eta"]).sum().reshape(1))
         return self._global(torch.cat(on_one_device(sums, home)).sum())
 
     def _global(self, local: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ class AESAM(TwoPassOptimizer):
       floats. Default (-1, 1).
     * ``rho``: SAM radius, a float >= 0. Default 0.05.
     * ``adaptive``, ``eta``, ``adaptive_params``, ``model``, ``backend``, ``fused_base``,
-      ``perturbation`` (keyword), and ``**base_kwargs``: as for ``SAM`` (ASAM flavour, offset and
+      ``perturbation``, ``param_storage`` (keyword), and ``**base_kwargs``: as for ``SAM`` (ASAM flavour, offset and
       tensors; the module whose BatchNorm statistics the perturbed pass leaves alone; backend;
       torch SGD/AdamW step fused in; DDP perturbation; the base optimizer's arguments).
 
@@ -40,11 +40,12 @@ class AESAM(TwoPassOptimizer):
                  lambdas: Sequence[float] = (-1.0, 1.0), rho: float = 0.05, *, adaptive: Union[bool, str] = False, eta: Optional[float] = None,
                  adaptive_params: Union[None, str, Callable] = None, model: Optional[torch.nn.Module] = None,
                  backend: Optional[str] = None, fused_base: bool = True, perturbation: str = "global",
+                 param_storage: str = "flat",
                  **base_kwargs) -> None:
         self._norm = None
         super().__init__(params, base_optimizer, AESAMController(total_steps, delta, lambdas), rho=rho, adaptive=adaptive, eta=eta,
                          adaptive_params=adaptive_params, model=model, backend=backend, fused_base=fused_base,
-                         perturbation=perturbation, **base_kwargs)
+                         perturbation=perturbation, param_storage=param_storage, **base_kwargs)
 
     def _feed_stats(self, before_decide: bool = False) -> list:
         if not before_decide:

@@ -37,7 +37,7 @@ class ESAM(TwoPassOptimizer):
     * ``rho``: SAM radius, a float >= 0. Default 0.05.
     * ``seed``: the seed of SWP's ``torch.Generator``, an int >= 0. Default 0.
     * ``adaptive``, ``eta``, ``adaptive_params``, ``model``, ``backend``, ``fused_base``,
-      ``perturbation`` (keyword), and ``**base_kwargs``: as for ``SAM`` (ASAM flavour, offset and
+      ``perturbation``, ``param_storage`` (keyword), and ``**base_kwargs``: as for ``SAM`` (ASAM flavour, offset and
       tensors; the module whose BatchNorm statistics the perturbed pass leaves alone; backend;
       torch SGD/AdamW step fused in; DDP perturbation, where ``"per_rank"`` is not built for
       this method yet (a ``ValueError``); the base optimizer's arguments).
@@ -49,6 +49,7 @@ class ESAM(TwoPassOptimizer):
                  seed: int = 0, *, adaptive: Union[bool, str] = False, eta: Optional[float] = None,
                  adaptive_params: Union[None, str, Callable] = None, model: Optional[torch.nn.Module] = None,
                  backend: Optional[str] = None, fused_base: bool = True, perturbation: str = "global",
+                 param_storage: str = "flat",
                  **base_kwargs) -> None:
         self.beta = check("ESAM", "beta", beta)
         self.gamma = check("ESAM", "gamma", gamma)
@@ -61,7 +62,7 @@ class ESAM(TwoPassOptimizer):
                              f"(its data selection is per rank already)")
         super().__init__(params, base_optimizer, EveryStep(), rho=rho, adaptive=adaptive, eta=eta,
                          adaptive_params=adaptive_params, model=model, backend=backend, fused_base=fused_base,
-                         perturbation=perturbation, **base_kwargs)
+                         perturbation=perturbation, param_storage=param_storage, **base_kwargs)
 
     def _draw_dropped(self) -> List[torch.Tensor]:
         """SWP: the tensors left out of this step's perturbation."""

@@ -30,7 +30,7 @@ class LookSAM(TwoPassOptimizer):
     * ``alpha``: the weight of the ``g_v`` term, a float >= 0. Default 0.7.
     * ``rho``: SAM radius, a float >= 0. Default 0.05.
     * ``adaptive``, ``eta``, ``adaptive_params``, ``model``, ``backend``, ``fused_base``,
-      ``perturbation`` (keyword), and ``**base_kwargs``: as for ``SAM`` (ASAM flavour, offset and
+      ``perturbation``, ``param_storage`` (keyword), and ``**base_kwargs``: as for ``SAM`` (ASAM flavour, offset and
       tensors; the module whose BatchNorm statistics the perturbed pass leaves alone; backend;
       torch SGD/AdamW step fused in; DDP perturbation; the base optimizer's arguments).
 
@@ -42,6 +42,7 @@ class LookSAM(TwoPassOptimizer):
                  *, adaptive: Union[bool, str] = False, eta: Optional[float] = None,
                  adaptive_params: Union[None, str, Callable] = None, model: Optional[torch.nn.Module] = None,
                  backend: Optional[str] = None, fused_base: bool = True, perturbation: str = "global",
+                 param_storage: str = "flat",
                  **base_kwargs) -> None:
         self.alpha = check("LookSAM", "alpha", alpha)
         k = check("LookSAM", "k", k)
@@ -49,7 +50,7 @@ class LookSAM(TwoPassOptimizer):
         self._ones: List[Optional[torch.Tensor]] = []
         super().__init__(params, base_optimizer, Periodic(k), rho=rho, adaptive=adaptive, eta=eta,
                          adaptive_params=adaptive_params, model=model, backend=backend, fused_base=fused_base,
-                         perturbation=perturbation, **base_kwargs)
+                         perturbation=perturbation, param_storage=param_storage, **base_kwargs)
 
     @property
     def k(self) -> int:
@@ -105,7 +106,8 @@ class LookSAM(TwoPassOptimizer):
             if b.psf is None:
                 b.psf = b.new_buffer()
         return {"present": present, "gv": [b.export(b.psf) for b in self.flat.buffers],
-                "inv_gv": [self._inv_gv[i] if has else torch.zeros(len(b.offsets), dtype=_maths_dtype(b), device=b.device)
+                "inv_gv": [self._inv_gv[i] if has else
+                           torch.zeros(len(b.offsets), dtype=_maths_dtype(b), device=b.device)
                            for i, (b, has) in enumerate(zip(self.flat.buffers, present))]}
 
     def _load_extra_state(self, state: dict) -> None:

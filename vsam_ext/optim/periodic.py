@@ -17,7 +17,7 @@ class PeriodicSAM(TwoPassOptimizer):
 
     * ``period``: k, an int >= 1 (1: plain SAM). Default 5.
     * ``rho``, ``adaptive``, ``eta``, ``adaptive_params``, ``model``, ``backend``,
-      ``fused_base``, ``perturbation``, ``**base_kwargs``: as for ``SAM`` (radius; ASAM flavour,
+      ``fused_base``, ``perturbation``, ``param_storage``, ``**base_kwargs``: as for ``SAM`` (radius; ASAM flavour,
       offset and tensors; the module whose BatchNorm statistics the perturbed pass leaves alone;
       backend; torch SGD/AdamW step fused in; DDP perturbation; the base optimizer's arguments).
 
@@ -28,7 +28,7 @@ class PeriodicSAM(TwoPassOptimizer):
                  adaptive: Union[bool, str] = False, model: Optional[torch.nn.Module] = None,
                  backend: Optional[str] = None, *, eta: Optional[float] = None,
                  adaptive_params: Union[None, str, Callable] = None, fused_base: bool = True,
-                 perturbation: str = "global", **base_kwargs) -> None:
+                 perturbation: str = "global", param_storage: str = "flat", **base_kwargs) -> None:
         super().__init__(params, base_optimizer, Periodic(period), rho=rho, adaptive=adaptive, eta=eta,
                          adaptive_params=adaptive_params, model=model, backend=backend, fused_base=fused_base,
-                         perturbation=perturbation, **base_kwargs)
+                         perturbation=perturbation, param_storage=param_storage, **base_kwargs)

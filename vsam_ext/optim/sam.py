@@ -40,6 +40,11 @@ class SAM(TwoPassOptimizer):
     * ``perturbation`` (keyword): ``"global"`` (default: the perturbation from the gradient
       all-reduced by DDP) or ``"per_rank"`` (each rank from its own gradient, "m-sharpness";
       needs ``model=`` the ``DistributedDataParallel`` module).
+    * ``param_storage`` (keyword): ``"flat"`` (default: the parameters and gradients of each
+      (group, device, dtype) are packed into one buffer; ``.grad`` are views of it, zeroed in
+      place) or ``"in_place"`` (they stay where they live, ``.grad`` is torch's own and
+      ``zero_grad`` sets it to None; the ops run over tensor lists). FSDP2's sharded DTensor
+      parameters are always in place. Same results bit for bit (python_tests/test_layouts.py).
     * ``**base_kwargs``: the base optimizer's arguments.
 
     Errors: a wrong type is a ``TypeError``, a value out of range a ``ValueError``, each naming
@@ -51,7 +56,8 @@ class SAM(TwoPassOptimizer):
     def __init__(self, params, base_optimizer, rho: float = 0.05, adaptive: Union[bool, str] = False,
                  model: Optional[torch.nn.Module] = None, backend: Optional[str] = None, *,
                  eta: Optional[float] = None, adaptive_params: Union[None, str, Callable] = None,
-                 fused_base: bool = True, perturbation: str = "global", **base_kwargs) -> None:
+                 fused_base: bool = True, perturbation: str = "global",
+                 param_storage: str = "flat", **base_kwargs) -> None:
         super().__init__(params, base_optimizer, EveryStep(), rho=rho, adaptive=adaptive, eta=eta,
                          adaptive_params=adaptive_params, model=model, backend=backend, fused_base=fused_base,
-                         perturbation=perturbation, **base_kwargs)
+                         perturbation=perturbation, param_storage=param_storage, **base_kwargs)

@@ -49,7 +49,7 @@ class VSAM(TwoPassOptimizer):
       len(loader)``), an int >= 1, or None (unknown). Sizes the warm-up and the window to the
       run by the training tool's rule (``vsam_ext.controller.vsam_schedule``); a
       ``warmup_steps`` or ``window`` given wins. A ``warmup_steps >= total_steps`` warns.
-    * ``eta``, ``adaptive_params``, ``fused_base``, ``perturbation`` (keyword), and
+    * ``eta``, ``adaptive_params``, ``fused_base``, ``perturbation``, ``param_storage`` (keyword), and
       ``**base_kwargs``: as for ``SAM`` (ASAM offset and tensors; torch SGD/AdamW step fused in;
       DDP perturbation; the base optimizer's arguments).
 
@@ -66,7 +66,7 @@ class VSAM(TwoPassOptimizer):
                  model: Optional[torch.nn.Module] = None, backend: Optional[str] = None, *,
                  total_steps: Optional[int] = None, eta: Optional[float] = None,
                  adaptive_params: Union[None, str, Callable] = None, fused_base: bool = True,
-                 perturbation: str = "global", **base_kwargs) -> None:
+                 perturbation: str = "global", param_storage: str = "flat", **base_kwargs) -> None:
         self.reuse_decay = check("VSAM", "reuse_decay", reuse_decay)
         self.max_reuse = check("VSAM", "max_reuse", max_reuse)
         stat_tensors = check("VSAM", "stat_tensors", stat_tensors)
@@ -78,6 +78,7 @@ class VSAM(TwoPassOptimizer):
         super().__init__(params, base_optimizer, controller, rho=rho, adaptive=adaptive, eta=eta,
                          adaptive_params=adaptive_params, model=model, backend=backend,
                          stat_tensors=stat_tensors, fused_base=fused_base, perturbation=perturbation,
+                         param_storage=param_storage,
                          **base_kwargs)
 
     def _record_psf(self, pairs) -> None:
