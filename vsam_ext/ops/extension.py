@@ -7,7 +7,8 @@ The ``*_list`` functions are the same ops over lists of tensors (any shapes, con
 dtype), in place, in one call: the flat op applied to each tensor viewed as 1-D; each tensor is
 one segment; the statistics are over the tensors of index >= ``stat_first``. CPU tensors only
 (no CUDA kernels: ``vsam_ext.ops.lists`` loops per tensor on the other backends). Empty lists
-are allowed: zeros(0) from the segment ops, None (no statistics) from the others.
+are allowed and give what the flat op gives for an empty buffer: zeros(0) from the segment ops,
+the statistics (0, 0) (fp32) when the call asks for them, else None.
 """
 from __future__ import annotations
 
@@ -85,6 +86,10 @@ def _no_tensors(*lists) -> bool:
     return all(ts is None or len(ts) == 0 for ts in lists)
 
 
+def _empty_stats(asked: bool) -> Optional[torch.Tensor]:
+    return torch.zeros(2) if asked else None
+
+
 def segment_sumsq_list(xs: Sequence[torch.Tensor], weights: Optional[Sequence[torch.Tensor]] = None,
                        eta: float = 0.0) -> torch.Tensor:
     xs, weights = _list(xs), _opt_list(weights)
@@ -113,7 +118,7 @@ def perturb_list(params, grads, scale, backups, adaptive: bool, grad_keeps=None,
 def restore_psf_stats_list(params, backups, grad_sams, psfs, stat_first: int) -> Optional[torch.Tensor]:
     params, backups, grad_sams, psfs = _list(params), _list(backups), _list(grad_sams), _opt_list(psfs)
     if _no_tensors(params, backups, grad_sams, psfs):
-        return None
+        return _empty_stats(psfs is not None)
     return _stats(_ops.restore_psf_stats_list(params, backups, grad_sams, psfs, int(stat_first)))
 
 
@@ -129,7 +134,7 @@ def sgd_step_list(params, grads, momentum_buffers, psfs, backups, coeff, stat_fi
     if _no_tensors(*lists):
         if momentum != 0.0 and momentum_buffers is None:
             raise RuntimeError("momentum_buffer: required when momentum != 0")
-        return None
+        return _empty_stats(psfs is not None and backups is not None)
     return _stats(_ops.sgd_step_list(*lists, float(coeff), int(stat_first), float(lr), float(weight_decay),
                                      float(momentum), float(dampening), bool(nesterov), bool(maximize), bool(first)))
 
@@ -140,6 +145,6 @@ def adamw_step_list(params, grads, exp_avgs, exp_avg_sqs, psfs, backups, coeff, 
     if _no_tensors(*lists):
         if step < 1:
             raise RuntimeError(f"step: expected >= 1 (the count after this step's increment), got {step}")
-        return None
+        return _empty_stats(psfs is not None and backups is not None)
     return _stats(_ops.adamw_step_list(*lists, float(coeff), int(stat_first), float(lr), float(beta1), float(beta2),
                                        float(eps), float(weight_decay), int(step), bool(maximize)))
