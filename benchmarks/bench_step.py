@@ -16,6 +16,10 @@ Implementations (``impl``):
 
 * ``vsam_ext[<backend>]``  SAM / VSAM / PeriodicSAM (its cheap step is the plain base step)
   around torch.optim.SGD, with the base step fused into the backend's ops;
+* ``vsam_ext[<backend>/in_place]``  the same with ``param_storage="in_place"`` (the layout of
+  FSDP2's shards: tensor lists, the parameters and gradients where they live); its simulated
+  backward hands each parameter its gradient tensor (``p.grad = g``, what autograd does for a
+  gradient that is None), so its "zero grads" costs nothing;
 * ``authors``  per-parameter Python loops with dict state: davda54/sam's SAM
   (``old_p = p.data.clone()``, ``p.add_(g * scale)``, ``p.data = old_p``), the vSAM authors'
   ``g`` and PSF clones, its statistics read on the host (``.tolist()``, a sync), reuse
@@ -83,8 +87,10 @@ def _force(opt, sample: bool) -> None:
 
 
 def build_ours(step: str, backend: str, shapes, device) -> Callable[[], None]:
+    backend, _, storage = backend.partition("/")
     ps = make_params(shapes, device)
-    kw = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD)
+    grads = [p.grad for p in ps]
+    kw = dict(lr=LR, momentum=MOMENTUM, weight_decay=WD, param_storage=storage or "flat")
     if step == "sgd":
         opt = PeriodicSAM(ps, torch.optim.SGD, period=1, rho=RHO, backend=backend, **kw)
         _force(opt, False)
@@ -98,12 +104,19 @@ def build_ours(step: str, backend: str, shapes, device) -> Callable[[], None]:
         raise RuntimeError(f"asked for backend {backend!r}, the optimizer uses {opt.backend!r}")
     reuse = step == "vsam_reuse"
 
+    def backward():
+        if storage:
+            for p, g in zip(ps, grads):      # autograd hands the new gradient over
+                p.grad = g
+        else:
+            C.simulate_backward(opt)         # the backward's gradient hooks
+
     def fn():
         if reuse:
             opt.psf_age = 0                  # every step reuses the PSF with weight zeta ** 1
-        C.simulate_backward(opt)             # the backward's gradient hooks
-        if opt.first_step():
-            pass                             # the second forward/backward: replaced by nothing
+        backward()
+        if opt.first_step() and storage:
+            backward()                       # the second forward/backward: its gradients only
         opt.second_step()
 
     fn()                                     # first step: state, backup, PSF
@@ -242,7 +255,9 @@ def main(argv=None) -> int:
     bad = [s for s in steps if s not in STEPS]
     if bad:
         ap.error(f"--steps: unknown {bad}; known {list(STEPS)}")
-    impls = [f"vsam_ext[{b}]" for b in C.backends_for(device)] + ["authors", "foreach", "torch-fused"]
+    impls = ([f"vsam_ext[{b}]" for b in C.backends_for(device)]
+             + [f"vsam_ext[{b}/in_place]" for b in C.backends_for(device) if b != "reference"]
+             + ["authors", "foreach", "torch-fused"])
     impls = C.select_impls(impls, args.impls)
 
     copy = C.measure_copy(device, timer, (16 << 20) if args.quick else (64 << 20))
