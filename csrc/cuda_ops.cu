@@ -1,7 +1,15 @@
-// The CUDA kernels of vsam_ext._C: TORCH_LIBRARY_IMPL(vsam_ext, CUDA) for the eight ops of
-// registration.cpp, with the semantics of vsam_ext/ops/reference.py (the oracle). The shared
-// machinery (vector loads, the grid-stride loop, deterministic block sums, the launcher,
-// argument checks) is in cuda_utils.cuh; this file holds one functor per op and its host side.
+// The CUDA kernels of vsam_ext._C: TORCH_LIBRARY_IMPL(vsam_ext, CUDA) for the sixteen ops of
+// registration.cpp (eight over flat buffers, their *_list forms over lists of tensors), with the
+// semantics of vsam_ext/ops/reference.py (the oracle). The shared machinery (vector loads, the
+// multi-tensor-apply launcher, deterministic block sums, argument checks) is in cuda_utils.cuh;
+// this file holds one functor per op and its host side.
+//
+// Every op has ONE implementation of its maths, its functor, and one launcher: the flat op is
+// the list of one buffer (the segment ops: its segments are the spans), the list op one span
+// per tensor, so the two give the same bits, element-wise and in the sums of a tensor
+// (segment ops). Each launch covers as many spans as fit in its kernel argument (Table<Ptrs>:
+// 45 to 78 spans, by the functor's number of buffers), one block per chunk of 16 KiB of each
+// buffer; the sums take one more launch.
 //
 // One translation unit on purpose: torch's headers cost about 50 s of nvcc time per file, the
 // kernels themselves a few seconds, so three files took 3 minutes to compile on a 2-core CI
@@ -21,48 +29,38 @@ namespace {
 // ===============================================================================================
 // the segment ops: segment_sumsq, segment_gram, segment_axpby
 // ===============================================================================================
-// Per-segment sums, deterministic. Segment k is `x[bounds[k]:bounds[k+1]]` as Python slices it
-// (as the reference does): an empty or reversed range gives 0. Sums in acc_t (fp32; fp64 for
-// double), returned in acc_t too: shape (nseg,), or (nseg, K) for K > 1 sums per segment.
+// Per-segment sums, deterministic (launch in cuda_utils.cuh). Flat ops: segment k is
+// `x[bounds[k]:bounds[k+1]]` as Python slices it (as the reference does): an empty or reversed
+// range gives 0. List ops: segment k is tensor k. Sums in acc_t (fp32; fp64 for double),
+// returned in acc_t too: shape (nseg,), or (nseg, 3) for segment_gram.
 //
 //   segment_sumsq:  out[k] = sum v_i^2,  v_i = x_i, or (|w_i| + eta) * x_i when weight is given
 //   segment_gram:   out[k] = (sum a_i^2, sum a_i b_i, sum b_i^2)
 //   segment_axpby:  y_i <- T(alpha[k] * y_i + beta[k] * x_i) (alpha, beta: acc_t, read on the
-//                   device);
-//                   out[k] = sum of the squares of the stored new y_i
-//
-// Plan (host): every non-empty segment gets a number of blocks roughly proportional to its
-// length (at least one, at most one per kMinChunk elements, about kBlocksPerSm * SMs in all),
-// each block a contiguous chunk of its segment. The table of chunks (start, end, segment: 3
-// int64 per block) and the first block of each segment (nseg + 1 int64) go to the device in
-// one non-blocking copy from pinned memory. Pass 1: block b adds its chunk's K sums into
-// partials[k * nblocks + b]. Pass 2: block s adds partials[k * nblocks + first[s] ...
-// first[s+1]] in a fixed order into out[s * K + k].
-//
-// A segment functor has kSums (K), the result type `out`, load_segment_scalars(segment) (called
-// once per thread before its chunk) and apply<N>(i, acc (&s)[K]).
-
-constexpr int64_t kMinChunk = 8192;   // elements: a block gets at least this much of a segment
+//                   device); out[k] = sum of the squares of the stored new y_i
 
 template <typename T>
 struct SumsqF {
-  using acc = acc_t<T>;
-  using out = acc;      // fp64 buffers: fp64 sums, so the norm's sqrt is fp64 too
+  using acc = acc_t<T>;     // fp64 buffers: fp64 sums, so the norm's sqrt is fp64 too
   static constexpr int kV = kVec<T>;
   static constexpr int kSums = 1;
-  const T* x;
-  const T* w;   // nullptr: no weight
+  static constexpr bool kPerSegment = true;
+  struct Ptrs {
+    const T* x;
+    const T* w;   // nullptr: no weight
+  };
+  Ptrs p;
   acc eta;
 
-  __host__ __device__ __forceinline__ void load_segment_scalars(int64_t) {}
+  __host__ __device__ __forceinline__ void bind(const Ptrs& q, int64_t, int64_t) { p = q; }
 
-  template <int N>
-  __host__ __device__ __forceinline__ void apply(int64_t i, acc (&s)[kSums]) const {
+  template <int N, typename S>
+  __host__ __device__ __forceinline__ void apply(int64_t i, S& s) const {
     T xr[N];
-    load<N>(xr, x + i);
-    if (w != nullptr) {
+    load<N>(xr, p.x + i);
+    if (p.w != nullptr) {
       T wr[N];
-      load<N>(wr, w + i);
+      load<N>(wr, p.w + i);
       VSAM_UNROLL
       for (int j = 0; j < N; ++j) {
         const acc v = (dev_abs(static_cast<acc>(wr[j])) + eta) * static_cast<acc>(xr[j]);
@@ -81,19 +79,22 @@ struct SumsqF {
 template <typename T>
 struct GramF {
   using acc = acc_t<T>;
-  using out = acc;
   static constexpr int kV = kVec<T>;
   static constexpr int kSums = 3;
-  const T* a;
-  const T* b;
+  static constexpr bool kPerSegment = true;
+  struct Ptrs {
+    const T* a;
+    const T* b;
+  };
+  Ptrs p;
 
-  __host__ __device__ __forceinline__ void load_segment_scalars(int64_t) {}
+  __host__ __device__ __forceinline__ void bind(const Ptrs& q, int64_t, int64_t) { p = q; }
 
-  template <int N>
-  __host__ __device__ __forceinline__ void apply(int64_t i, acc (&s)[kSums]) const {
+  template <int N, typename S>
+  __host__ __device__ __forceinline__ void apply(int64_t i, S& s) const {
     T ar[N], br[N];
-    load<N>(ar, a + i);
-    load<N>(br, b + i);
+    load<N>(ar, p.a + i);
+    load<N>(br, p.b + i);
     VSAM_UNROLL
     for (int j = 0; j < N; ++j) {
       const acc u = static_cast<acc>(ar[j]), v = static_cast<acc>(br[j]);
@@ -107,149 +108,76 @@ struct GramF {
 template <typename T>
 struct AxpbyF {
   using acc = acc_t<T>;
-  using out = acc;
   static constexpr int kV = kVec<T>;
   static constexpr int kSums = 1;
-  T* y;
-  const T* x;
+  static constexpr bool kPerSegment = true;
+  struct Ptrs {
+    T* y;
+    const T* x;
+  };
+  Ptrs p;
   const acc* alpha_ptr;     // one value per segment, on the device
   const acc* beta_ptr;
-  acc alpha, beta;          // this block's segment's, set by load_segment_scalars
+  acc alpha, beta;          // this block's segment's, set by bind
 
-  __host__ __device__ __forceinline__ void load_segment_scalars(int64_t seg) {
+  __host__ __device__ __forceinline__ void bind(const Ptrs& q, int64_t, int64_t seg) {
+    p = q;
     alpha = alpha_ptr[seg];
     beta = beta_ptr[seg];
   }
 
-  template <int N>
-  __host__ __device__ __forceinline__ void apply(int64_t i, acc (&s)[kSums]) const {
+  template <int N, typename S>
+  __host__ __device__ __forceinline__ void apply(int64_t i, S& s) const {
     T yr[N], xr[N];
-    load<N>(yr, y + i);
-    load<N>(xr, x + i);
+    load<N>(yr, p.y + i);
+    load<N>(xr, p.x + i);
     VSAM_UNROLL
     for (int j = 0; j < N; ++j) {
       yr[j] = static_cast<T>(alpha * static_cast<acc>(yr[j]) + beta * static_cast<acc>(xr[j]));
       const acc v = static_cast<acc>(yr[j]);
       s[0] += v * v;
     }
-    store<N>(y + i, yr);
+    store<N>(p.y + i, yr);
   }
 };
 
-// Block b: the chunk [chunks[3b], chunks[3b+1]) of segment chunks[3b+2] -> partials[k * nblocks + b].
-template <typename F>
-__global__ void __launch_bounds__(kThreads) segment_kernel(F f, const int64_t* chunks, bool vec_ok,
-                                                           typename F::acc* partials) {
-  using A = typename F::acc;
-  constexpr int K = F::kSums;
-  const int64_t* c = chunks + 3 * static_cast<int64_t>(blockIdx.x);
-  f.load_segment_scalars(c[2]);
-  A s[K];
-  VSAM_UNROLL
-  for (int k = 0; k < K; ++k) s[k] = A(0);
-  for_range<F::kV>(c[0], c[1], threadIdx.x, blockDim.x, vec_ok, f, s);
-  block_sum<K>(s);
-  if (threadIdx.x == 0) {
-    VSAM_UNROLL
-    for (int k = 0; k < K; ++k) partials[k * static_cast<int64_t>(gridDim.x) + blockIdx.x] = s[k];
-  }
+// The implementations, shared by the flat ops (one tensor per list; the spans are its segments)
+// and the list ops (a span per tensor). Every argument is checked; the lists are not empty.
+at::Tensor sumsq_impl(at::TensorList x, const OptList& weight, double eta, const std::vector<Span>& spans) {
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x[0].scalar_type(), "vsam_ext::segment_sumsq", [&] {
+    using T = scalar_t;
+    using F = SumsqF<T>;
+    const F f{{}, static_cast<acc_t<T>>(eta)};
+    out = launch(f, spans, [&](int64_t t) { return typename F::Ptrs{x[t].data_ptr<T>(), at_or_null<T>(weight, t)}; },
+                 x[0].options(), "segment_sumsq");
+  });
+  return out;
 }
 
-// Block s: out[s * K + k] = sum partials[k * nblocks + first[s] ... first[s+1]] (0 for a segment
-// without blocks), as O.
-template <typename A, typename O, int K>
-__global__ void __launch_bounds__(kThreads) segment_finalize_kernel(const A* partials, int64_t nblocks,
-                                                                    const int64_t* first, O* out) {
-  const int64_t a = first[blockIdx.x], b = first[blockIdx.x + 1];
-  A s[K];
-  VSAM_UNROLL
-  for (int k = 0; k < K; ++k) s[k] = A(0);
-  for (int64_t j = a + threadIdx.x; j < b; j += blockDim.x) {
-    VSAM_UNROLL
-    for (int k = 0; k < K; ++k) s[k] += partials[k * nblocks + j];
-  }
-  block_sum<K>(s);
-  if (threadIdx.x == 0) {
-    VSAM_UNROLL
-    for (int k = 0; k < K; ++k) out[static_cast<int64_t>(blockIdx.x) * K + k] = static_cast<O>(s[k]);
-  }
+at::Tensor gram_impl(at::TensorList a, at::TensorList b, const std::vector<Span>& spans) {
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a[0].scalar_type(), "vsam_ext::segment_gram", [&] {
+    using T = scalar_t;
+    using F = GramF<T>;
+    const F f{};
+    out = launch(f, spans, [&](int64_t t) { return typename F::Ptrs{a[t].data_ptr<T>(), b[t].data_ptr<T>()}; },
+                 a[0].options(), "segment_gram");
+  });
+  return out;
 }
 
-// The host plan for n > 0: `chunks` gets (start, end, segment) per block, `first` the block
-// range of segment k, [first[k], first[k+1]) (nseg + 1 entries). A non-empty segment of len
-// elements gets max(1, min(ceil(len / kMinChunk), ceil(len / n * target))) blocks, each a
-// contiguous chunk; interior chunk boundaries are multiples of 16 elements, so a chunk's
-// vectors are aligned when the buffer is. Empty (or reversed) segments get no block.
-void plan_segments(c10::IntArrayRef bounds, int64_t n, int64_t target, std::vector<int64_t>& chunks,
-                   std::vector<int64_t>& first) {
-  const int64_t nseg = bounds.size() > 1 ? static_cast<int64_t>(bounds.size()) - 1 : 0;
-  chunks.clear();
-  chunks.reserve(3 * static_cast<size_t>(target + nseg));
-  first.assign(nseg + 1, 0);
-  for (int64_t k = 0; k < nseg; ++k) {
-    first[k] = static_cast<int64_t>(chunks.size() / 3);
-    const int64_t a = slice_index(bounds[k], n), e = slice_index(bounds[k + 1], n);
-    if (e <= a) continue;
-    const int64_t len = e - a;
-    const int64_t by_size = (len + kMinChunk - 1) / kMinChunk;
-    const int64_t by_share = static_cast<int64_t>(std::ceil(static_cast<double>(len) / n * target));
-    const int64_t nb = std::max<int64_t>(1, std::min(by_size, by_share));
-    const int64_t cs = ((len + nb - 1) / nb + 15) / 16 * 16;      // chunk length, a multiple of 16
-    // Cuts at a + k cs rounded down to a multiple of 16: strictly increasing since cs >= 16.
-    int64_t start = a;
-    for (int64_t c = a + cs; c < e; c += cs) {
-      const int64_t cut = c / 16 * 16;
-      chunks.insert(chunks.end(), {start, cut, k});
-      start = cut;
-    }
-    chunks.insert(chunks.end(), {start, e, k});
-  }
-  first[nseg] = static_cast<int64_t>(chunks.size() / 3);
-}
-
-// Runs the segment functor f (buffers of n elements of T like `like`, vec_ok: all its pointers
-// 16-byte aligned) over the segments of `bounds`: the sums as F::out, (nseg,) or (nseg, K). The
-// caller holds a CUDAGuard.
-template <typename T, typename F>
-at::Tensor launch_segments(const F& f, bool vec_ok, c10::IntArrayRef bounds, const at::Tensor& like,
-                           const char* op) {
-  using A = acc_t<T>;
-  using O = typename F::out;
-  constexpr int K = F::kSums;
-  const int64_t n = like.numel();
-  const int64_t nseg = bounds.size() > 1 ? static_cast<int64_t>(bounds.size()) - 1 : 0;
-  const auto out_opts = like.options().dtype(std::is_same_v<O, double> ? at::kDouble : at::kFloat);
-  const auto zeros = [&] { return K == 1 ? at::zeros({nseg}, out_opts) : at::zeros({nseg, K}, out_opts); };
-  if (nseg == 0 || n == 0) return zeros();
-
-  // The plan: chunk boundaries per segment, then each segment's first block.
-  const int device = like.get_device();
-  std::vector<int64_t> chunks, first;
-  plan_segments(bounds, n, static_cast<int64_t>(sm_count(device)) * kBlocksPerSm, chunks, first);
-  const int64_t nblocks = static_cast<int64_t>(chunks.size() / 3);
-  if (nblocks == 0) return zeros();   // every segment is empty
-  TORCH_CHECK(nblocks <= INT32_MAX && nseg <= INT32_MAX, "vsam_ext: ", op, ": too many segments (", nseg, ")");
-
-  // One pinned host table -> the device, without blocking the host. The caching host
-  // allocator records the copy on the stream, so the pinned block is not reused before it ran.
-  const int64_t table_len = 3 * nblocks + nseg + 1;
-  at::Tensor host = at::empty({table_len}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* h = host.data_ptr<int64_t>();
-  std::copy(chunks.begin(), chunks.end(), h);
-  std::copy(first.begin(), first.end(), h + 3 * nblocks);
-  at::Tensor table = at::empty({table_len}, like.options().dtype(at::kLong));
-  table.copy_(host, /*non_blocking=*/true);
-  const int64_t* d_chunks = table.data_ptr<int64_t>();
-  const int64_t* d_first = d_chunks + 3 * nblocks;
-
-  at::Tensor out = K == 1 ? at::empty({nseg}, out_opts) : at::empty({nseg, K}, out_opts);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  at::Tensor partials = at::empty({K * nblocks}, like.options().dtype(std::is_same_v<A, double> ? at::kDouble : at::kFloat));
-  segment_kernel<F><<<static_cast<unsigned>(nblocks), kThreads, 0, stream>>>(f, d_chunks, vec_ok, partials.data_ptr<A>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  segment_finalize_kernel<A, O, K><<<static_cast<unsigned>(nseg), kThreads, 0, stream>>>(
-      partials.data_ptr<A>(), nblocks, d_first, out.data_ptr<O>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+at::Tensor axpby_impl(at::TensorList y, at::TensorList x, const at::Tensor& alpha, const at::Tensor& beta,
+                      const std::vector<Span>& spans) {
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y[0].scalar_type(), "vsam_ext::segment_axpby", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    using F = AxpbyF<T>;
+    const F f{{}, alpha.data_ptr<A>(), beta.data_ptr<A>(), A(0), A(0)};
+    out = launch(f, spans, [&](int64_t t) { return typename F::Ptrs{y[t].data_ptr<T>(), x[t].data_ptr<T>()}; },
+                 y[0].options(), "segment_axpby");
+  });
   return out;
 }
 
@@ -258,33 +186,20 @@ at::Tensor segment_sumsq_cuda(const at::Tensor& x, c10::IntArrayRef bounds, cons
   check_main(x, "x");
   if (present(weight)) check_like(*weight, "weight", x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "vsam_ext::segment_sumsq", [&] {
-    using T = scalar_t;
-    const SumsqF<T> f{x.data_ptr<T>(), ptr_or_null<T>(weight), static_cast<acc_t<T>>(eta)};
-    const bool vec_ok = aligned16(f.x) && (f.w == nullptr || aligned16(f.w));
-    out = launch_segments<T>(f, vec_ok, bounds, x, "segment_sumsq");
-  });
-  return out;
+  return sumsq_impl(x, one_or_none(weight), eta, segment_spans(bounds, x.numel()));
 }
 
 at::Tensor segment_gram_cuda(const at::Tensor& a, const at::Tensor& b, c10::IntArrayRef bounds) {
   check_main(a, "a");
   check_like(b, "b", a, "a");
   const c10::cuda::CUDAGuard guard(a.device());
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "vsam_ext::segment_gram", [&] {
-    using T = scalar_t;
-    const GramF<T> f{a.data_ptr<T>(), b.data_ptr<T>()};
-    out = launch_segments<T>(f, aligned16(f.a) && aligned16(f.b), bounds, a, "segment_gram");
-  });
-  return out;
+  return gram_impl(a, b, segment_spans(bounds, a.numel()));
 }
 
-// `alpha`/`beta` of segment_axpby: contiguous, on `ref`'s device, in ref's maths dtype (float32;
-// float64 for double buffers), one value per segment.
+// `alpha`/`beta` of the flat segment_axpby: contiguous, on `ref`'s device, in ref's maths dtype
+// (float32; float64 for double buffers), one value per segment.
 void check_per_segment(const at::Tensor& c, const char* name, const at::Tensor& ref, int64_t nseg) {
-  const auto want = ref.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto want = maths_dtype(ref);
   TORCH_CHECK(c.defined(), "vsam_ext: ", name, " is undefined");
   TORCH_CHECK(c.is_cuda() && c.device() == ref.device(), "vsam_ext: ", name, " must be on y's device ",
               ref.device(), " (a device tensor, never read on the host), got one on ", c.device());
@@ -303,21 +218,49 @@ at::Tensor segment_axpby_cuda(const at::Tensor& y, const at::Tensor& x, const at
   check_per_segment(alpha, "alpha", y, nseg);
   check_per_segment(beta, "beta", y, nseg);
   const c10::cuda::CUDAGuard guard(y.device());
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "vsam_ext::segment_axpby", [&] {
-    using T = scalar_t;
-    using A = acc_t<T>;
-    const AxpbyF<T> f{y.data_ptr<T>(), x.data_ptr<T>(), alpha.data_ptr<A>(), beta.data_ptr<A>(), A(0), A(0)};
-    out = launch_segments<T>(f, aligned16(f.y) && aligned16(f.x), bounds, y, "segment_axpby");
-  });
-  return out;
+  return axpby_impl(y, x, alpha, beta, segment_spans(bounds, y.numel()));
+}
+
+// An empty list of a segment op: zeros(0) (zeros(0, 3)) in the maths dtype of the coefficients
+// when there are some (on their device), else float32 on the CPU.
+at::Tensor no_segments(int width, const at::Tensor* like = nullptr) {
+  const auto opts = like != nullptr ? like->options() : at::TensorOptions().dtype(at::kFloat);
+  return width == 1 ? at::zeros({0}, opts) : at::zeros({0, width}, opts);
+}
+
+at::Tensor segment_sumsq_list_cuda(at::TensorList x, OptList weight, double eta) {
+  const ListArgs args(x, "x");
+  args.same(weight, "weight");
+  if (args.empty()) return no_segments(1);
+  const c10::cuda::CUDAGuard guard(args.device());
+  return sumsq_impl(x, weight, eta, list_spans(x));
+}
+
+at::Tensor segment_gram_list_cuda(at::TensorList a, at::TensorList b) {
+  const ListArgs args(a, "a");
+  args.same(b, "b");
+  if (args.empty()) return no_segments(3);
+  const c10::cuda::CUDAGuard guard(args.device());
+  return gram_impl(a, b, list_spans(a));
+}
+
+at::Tensor segment_axpby_list_cuda(at::TensorList y, at::TensorList x, const at::Tensor& alpha,
+                                   const at::Tensor& beta) {
+  const ListArgs args(y, "y");
+  args.same(x, "x");
+  args.coefficients(alpha, args.size(), "alpha");
+  args.coefficients(beta, args.size(), "beta");
+  TORCH_CHECK(alpha.scalar_type() == beta.scalar_type(), "vsam_ext: alpha has dtype ", alpha.scalar_type(),
+              " but beta has dtype ", beta.scalar_type());
+  if (args.empty()) return no_segments(1, &alpha);
+  const c10::cuda::CUDAGuard guard(args.device());
+  return axpby_impl(y, x, alpha, beta, list_spans(y));
 }
 
 // ===============================================================================================
 // the SAM passes: perturb, restore_psf_stats, reuse
 // ===============================================================================================
-// One element-wise kernel each (elementwise_kernel in cuda_utils.cuh), maths in acc_t (fp32;
-// fp64 for double buffers).
+// Element-wise, maths in acc_t (fp32; fp64 for double buffers).
 //
 //   perturb:            backup <- p;  keep <- g (when given);
 //                       p <- T(w + s * g)              (SAM)
@@ -325,43 +268,51 @@ at::Tensor segment_axpby_cuda(const at::Tensor& y, const at::Tensor& x, const at
 //                       with w = acc(p), s = *scale read on the device.
 //   restore_psf_stats:  p <- backup;  with psf: PSF = T(acc(g_sam) - acc(psf)) -> psf and the
 //                       pair (sum g^2 over the old psf, sum PSF^2 over the new psf) on
-//                       [stat_start, n) in acc_t; without psf: a plain device copy, no statistics.
+//                       [stat_start, n) (lists: the tensors from stat_first on) in acc_t;
+//                       without psf: a plain copy (CopyF), no statistics.
 //   reuse:              grad <- T(acc(grad) + coeff * acc(psf)).
 
 template <typename T>
 struct PerturbF {
   using acc = acc_t<T>;
   static constexpr int kV = kVec<T>;
-  static constexpr bool kStats = false;
-  T* param;
-  const T* grad;
-  T* backup;
-  T* keep;              // nullptr: the gradient is not kept
-  const acc* scale_ptr; // in the maths dtype (check_scale)
+  static constexpr int kSums = 0;
+  static constexpr bool kPerSegment = false;
+  struct Ptrs {
+    T* param;
+    const T* grad;
+    T* backup;
+    T* keep;              // nullptr: the gradient is not kept
+  };
+  Ptrs p;
+  const acc* scale_ptr;   // in the maths dtype (check_scale)
   bool adaptive;
-  acc eta;              // ASAM's T = |w| + eta
-  acc scale;            // *scale_ptr, read once per thread by load_device_scalars
+  acc eta;                // ASAM's T = |w| + eta
+  acc scale;              // *scale_ptr, read once per thread by bind
 
-  __host__ __device__ __forceinline__ void load_device_scalars() { scale = *scale_ptr; }
+  __host__ __device__ __forceinline__ void bind(const Ptrs& q, int64_t, int64_t) {
+    p = q;
+    scale = *scale_ptr;
+  }
 
-  template <int N>
-  __host__ __device__ __forceinline__ void apply(int64_t i, acc&, acc&) const {
-    T p[N], g[N], out[N];
-    load<N>(p, param + i);
-    load<N>(g, grad + i);
-    store<N>(backup + i, p);
-    if (keep != nullptr) store<N>(keep + i, g);
+  template <int N, typename S>
+  __host__ __device__ __forceinline__ void apply(int64_t i, S&) const {
+    T w[N], g[N], out[N];
+    load<N>(w, p.param + i);
+    load<N>(g, p.grad + i);
+    store<N>(p.backup + i, w);
+    if (p.keep != nullptr) store<N>(p.keep + i, g);
     VSAM_UNROLL
     for (int j = 0; j < N; ++j) {
-      const acc w = static_cast<acc>(p[j]);
+      const acc wa = static_cast<acc>(w[j]);
       acc step = static_cast<acc>(g[j]) * scale;
       if (adaptive) {
-        const acc t = dev_abs(w) + eta;
+        const acc t = dev_abs(wa) + eta;
         step = step * t * t;
       }
-      out[j] = static_cast<T>(w + step);
+      out[j] = static_cast<T>(wa + step);
     }
-    store<N>(param + i, out);
+    store<N>(p.param + i, out);
   }
 };
 
@@ -369,22 +320,52 @@ template <typename T>
 struct RestorePsfF {
   using acc = acc_t<T>;
   static constexpr int kV = kVec<T>;
-  static constexpr bool kStats = true;
-  T* param;
-  const T* backup;
-  const T* grad_sam;
-  T* psf;
-  int64_t stat_start;
+  static constexpr int kSums = 2;
+  static constexpr bool kPerSegment = false;
+  struct Ptrs {
+    T* param;
+    const T* backup;
+    const T* grad_sam;
+    T* psf;
+  };
+  Ptrs p;
+  int64_t stat_start;     // the span's, set by bind
 
-  __host__ __device__ __forceinline__ void load_device_scalars() {}
+  __host__ __device__ __forceinline__ void bind(const Ptrs& q, int64_t stat_from, int64_t) {
+    p = q;
+    stat_start = stat_from;
+  }
 
-  template <int N>
-  __host__ __device__ __forceinline__ void apply(int64_t i, acc& s0, acc& s1) const {
+  template <int N, typename S>
+  __host__ __device__ __forceinline__ void apply(int64_t i, S& s) const {
     T b[N], gs[N];
-    load<N>(b, backup + i);
-    load<N>(gs, grad_sam + i);
-    store<N>(param + i, b);
-    psf_and_stats<N>(gs, psf, i, stat_start, s0, s1);
+    load<N>(b, p.backup + i);
+    load<N>(gs, p.grad_sam + i);
+    store<N>(p.param + i, b);
+    psf_and_stats<N>(gs, p.psf, i, stat_start, s[0], s[1]);
+  }
+};
+
+// restore_psf_stats without psf: param <- backup.
+template <typename T>
+struct CopyF {
+  using acc = acc_t<T>;
+  static constexpr int kV = kVec<T>;
+  static constexpr int kSums = 0;
+  static constexpr bool kPerSegment = false;
+  struct Ptrs {
+    T* dst;
+    const T* src;
+  };
+  Ptrs p;
+
+  __host__ __device__ __forceinline__ void bind(const Ptrs& q, int64_t, int64_t) { p = q; }
+
+  template <int N, typename S>
+  __host__ __device__ __forceinline__ void apply(int64_t i, S&) const {
+    T r[N];
+    load<N>(r, p.src + i);
+    store<N>(p.dst + i, r);
   }
 };
 
@@ -392,23 +373,84 @@ template <typename T>
 struct ReuseF {
   using acc = acc_t<T>;
   static constexpr int kV = kVec<T>;
-  static constexpr bool kStats = false;
-  T* grad;
-  const T* psf;
+  static constexpr int kSums = 0;
+  static constexpr bool kPerSegment = false;
+  struct Ptrs {
+    T* grad;
+    const T* psf;
+  };
+  Ptrs p;
   acc coeff;
 
-  __host__ __device__ __forceinline__ void load_device_scalars() {}
+  __host__ __device__ __forceinline__ void bind(const Ptrs& q, int64_t, int64_t) { p = q; }
 
-  template <int N>
-  __host__ __device__ __forceinline__ void apply(int64_t i, acc&, acc&) const {
+  template <int N, typename S>
+  __host__ __device__ __forceinline__ void apply(int64_t i, S&) const {
     T g[N], q[N], out[N];
-    load<N>(g, grad + i);
-    load<N>(q, psf + i);
+    load<N>(g, p.grad + i);
+    load<N>(q, p.psf + i);
     VSAM_UNROLL
     for (int j = 0; j < N; ++j) out[j] = static_cast<T>(static_cast<acc>(g[j]) + coeff * static_cast<acc>(q[j]));
-    store<N>(grad + i, out);
+    store<N>(p.grad + i, out);
   }
 };
+
+// "No statistics": an empty float32 tensor on the buffers' device.
+at::Tensor no_stats(const at::TensorOptions& opts) { return at::empty({0}, opts.dtype(at::kFloat)); }
+
+// The result of an op over empty lists (as the cpu backend's): the statistics (0, 0) in float32
+// when asked for, else none. (Not reached through the dispatcher, which needs a tensor to pick
+// the CUDA kernel: the Python wrappers answer such calls.)
+at::Tensor empty_stats(bool asked) {
+  return asked ? at::zeros({2}, at::TensorOptions().dtype(at::kFloat)) : no_stats(at::TensorOptions());
+}
+
+void perturb_impl(at::TensorList param, at::TensorList grad, const at::Tensor& scale, at::TensorList backup,
+                  bool adaptive, const OptList& keep, double eta, const std::vector<Span>& spans) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param[0].scalar_type(), "vsam_ext::perturb", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    using F = PerturbF<T>;
+    const F f{{}, scale.data_ptr<A>(), adaptive, static_cast<A>(eta), A(0)};
+    launch(f, spans, [&](int64_t t) {
+      return typename F::Ptrs{param[t].data_ptr<T>(), grad[t].data_ptr<T>(), backup[t].data_ptr<T>(),
+                              at_or_null<T>(keep, t)};
+    }, param[0].options(), "perturb");
+  });
+}
+
+at::Tensor restore_impl(at::TensorList param, at::TensorList backup, at::TensorList grad_sam, const OptList& psf,
+                        const std::vector<Span>& spans) {
+  at::Tensor stats;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param[0].scalar_type(), "vsam_ext::restore_psf_stats",
+                                  [&] {
+    using T = scalar_t;
+    if (psf.has_value()) {
+      using F = RestorePsfF<T>;
+      const F f{{}, 0};
+      stats = launch(f, spans, [&](int64_t t) {
+        return typename F::Ptrs{param[t].data_ptr<T>(), backup[t].data_ptr<T>(), grad_sam[t].data_ptr<T>(),
+                                (*psf)[t].data_ptr<T>()};
+      }, param[0].options(), "restore_psf_stats");
+    } else {
+      using F = CopyF<T>;
+      const F f{};
+      launch(f, spans, [&](int64_t t) { return typename F::Ptrs{param[t].data_ptr<T>(), backup[t].data_ptr<T>()}; },
+             param[0].options(), "restore_psf_stats");
+    }
+  });
+  return stats.defined() ? stats : no_stats(param[0].options());
+}
+
+void reuse_impl(at::TensorList grad, at::TensorList psf, double coeff, const std::vector<Span>& spans) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad[0].scalar_type(), "vsam_ext::reuse", [&] {
+    using T = scalar_t;
+    using F = ReuseF<T>;
+    const F f{{}, static_cast<acc_t<T>>(coeff)};
+    launch(f, spans, [&](int64_t t) { return typename F::Ptrs{grad[t].data_ptr<T>(), psf[t].data_ptr<T>()}; },
+           grad[0].options(), "reuse");
+  });
+}
 
 void perturb_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& backup,
                   bool adaptive, const std::optional<at::Tensor>& grad_keep, double eta) {
@@ -417,16 +459,8 @@ void perturb_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Ten
   check_like(backup, "backup", param, "param");
   if (present(grad_keep)) check_like(*grad_keep, "grad_keep", param, "param");
   check_scale(scale, param);
-  const int64_t n = param.numel();
   const c10::cuda::CUDAGuard guard(param.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "vsam_ext::perturb", [&] {
-    using T = scalar_t;
-    PerturbF<T> f{param.data_ptr<T>(), grad.data_ptr<T>(), backup.data_ptr<T>(), ptr_or_null<T>(grad_keep),
-                  scale.data_ptr<acc_t<T>>(), adaptive, static_cast<acc_t<T>>(eta), acc_t<T>(0)};
-    const bool vec_ok = aligned16(f.param) && aligned16(f.grad) && aligned16(f.backup) &&
-                        (f.keep == nullptr || aligned16(f.keep));
-    launch_elementwise<T>(f, n, vec_ok, param);
-  });
+  perturb_impl(param, grad, scale, backup, adaptive, one_or_none(grad_keep), eta, flat_spans(param.numel()));
 }
 
 at::Tensor restore_psf_stats_cuda(const at::Tensor& param, const at::Tensor& backup, const at::Tensor& grad_sam,
@@ -434,35 +468,47 @@ at::Tensor restore_psf_stats_cuda(const at::Tensor& param, const at::Tensor& bac
   check_main(param, "param");
   check_like(backup, "backup", param, "param");
   check_like(grad_sam, "grad_sam", param, "param");
-  const auto float_opts = param.options().dtype(at::kFloat);
+  if (present(psf)) check_like(*psf, "psf", param, "param");
   const c10::cuda::CUDAGuard guard(param.device());
-  if (!present(psf)) {
-    param.copy_(backup);   // a device-to-device memcpy on the current stream
-    return at::empty({0}, float_opts);
-  }
-  check_like(*psf, "psf", param, "param");
-  const int64_t n = param.numel();
-  at::Tensor stats;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "vsam_ext::restore_psf_stats", [&] {
-    using T = scalar_t;
-    RestorePsfF<T> f{param.data_ptr<T>(), backup.data_ptr<T>(), grad_sam.data_ptr<T>(), psf->data_ptr<T>(),
-                     slice_index(stat_start, n)};
-    const bool vec_ok = aligned16(f.param) && aligned16(f.backup) && aligned16(f.grad_sam) && aligned16(f.psf);
-    stats = launch_elementwise<T>(f, n, vec_ok, param);
-  });
-  return stats;
+  return restore_impl(param, backup, grad_sam, one_or_none(psf), flat_spans(param.numel(), stat_start));
 }
 
 void reuse_cuda(const at::Tensor& grad, const at::Tensor& psf, double coeff) {
   check_main(grad, "grad");
   check_like(psf, "psf", grad, "grad");
-  const int64_t n = grad.numel();
   const c10::cuda::CUDAGuard guard(grad.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "vsam_ext::reuse", [&] {
-    using T = scalar_t;
-    ReuseF<T> f{grad.data_ptr<T>(), psf.data_ptr<T>(), static_cast<acc_t<T>>(coeff)};
-    launch_elementwise<T>(f, n, aligned16(f.grad) && aligned16(f.psf), grad);
-  });
+  reuse_impl(grad, psf, coeff, flat_spans(grad.numel()));
+}
+
+void perturb_list_cuda(at::TensorList param, at::TensorList grad, const at::Tensor& scale, at::TensorList backup,
+                       bool adaptive, OptList grad_keep, double eta) {
+  const ListArgs args(param, "param");
+  args.same(grad, "grad");
+  args.same(backup, "backup");
+  args.same(grad_keep, "grad_keep");
+  args.coefficients(scale, 1, "scale");
+  if (args.empty()) return;
+  const c10::cuda::CUDAGuard guard(args.device());
+  perturb_impl(param, grad, scale, backup, adaptive, grad_keep, eta, list_spans(param));
+}
+
+at::Tensor restore_psf_stats_list_cuda(at::TensorList param, at::TensorList backup, at::TensorList grad_sam,
+                                       OptList psf, int64_t stat_first) {
+  const ListArgs args(param, "param");
+  args.same(backup, "backup");
+  args.same(grad_sam, "grad_sam");
+  args.same(psf, "psf");
+  if (args.empty()) return empty_stats(psf.has_value());
+  const c10::cuda::CUDAGuard guard(args.device());
+  return restore_impl(param, backup, grad_sam, psf, list_spans(param, stat_first));
+}
+
+void reuse_list_cuda(at::TensorList grad, at::TensorList psf, double coeff) {
+  const ListArgs args(grad, "grad");
+  args.same(psf, "psf");
+  if (args.empty()) return;
+  const c10::cuda::CUDAGuard guard(args.device());
+  reuse_impl(grad, psf, coeff, list_spans(grad));
 }
 
 // ===============================================================================================
@@ -475,7 +521,8 @@ void reuse_cuda(const at::Tensor& grad, const at::Tensor& psf, double coeff) {
 // The final gradient (Mode, chosen on the host as reference._final_grad does):
 //   kRestore     backup given, no psf:  w = acc(backup) (param is written, never read); d = g
 //   kRestorePsf  backup and psf given:  as kRestore, and psf <- PSF = T(g - acc(psf)) with the
-//                statistics (sum g_old^2, sum PSF^2) over [stat_start, n) -> 2 values in acc_t
+//                statistics (sum g_old^2, sum PSF^2) over [stat_start, n) (lists: the tensors
+//                from stat_first on) -> 2 values in acc_t
 //   kReuse       psf given, coeff != 0: w = acc(param); d = g + coeff * acc(psf), in registers
 //                only (the grad buffer is never written)
 //   kPlain       otherwise:             w = acc(param); d = g
@@ -510,26 +557,30 @@ at::Tensor with_mode(Mode mode, Go&& go) {
   }
 }
 
-// What the final gradient reads (and, in kRestorePsf, writes: psf).
+// The buffers the final gradient reads (and, in kRestorePsf, writes: psf).
 template <typename T>
-struct StepIn {
+struct StepPtrs {
   T* param;            // read unless restoring (then backup is read); written by the step
   const T* grad;       // read only
   T* psf;              // kReuse: read; kRestorePsf: read (g) and written (PSF)
   const T* backup;     // kRestore*: read
+};
+
+template <typename T>
+struct StepArgs {
   acc_t<T> coeff;      // kReuse
-  int64_t stat_start;  // kRestorePsf, already a valid index in [0, n]
+  int64_t stat_start;  // kRestorePsf: the span's, set by bind
   bool maximize;
 };
 
 // w (the weights the step starts from) and d (the final gradient) for the N elements at i.
 template <Mode M, int N, typename T, typename A>
-__host__ __device__ __forceinline__ void final_grad(const StepIn<T>& in, int64_t i, A (&w)[N], A (&d)[N], A& s0,
-                                                    A& s1) {
+__host__ __device__ __forceinline__ void final_grad(const StepPtrs<T>& p, const StepArgs<T>& a, int64_t i,
+                                                    A (&w)[N], A (&d)[N], A& s0, A& s1) {
   constexpr bool kRestoring = M == Mode::kRestore || M == Mode::kRestorePsf;
   T g[N], wr[N];
-  load<N>(g, in.grad + i);
-  load<N>(wr, (kRestoring ? in.backup : in.param) + i);
+  load<N>(g, p.grad + i);
+  load<N>(wr, (kRestoring ? p.backup : p.param) + i);
   VSAM_UNROLL
   for (int j = 0; j < N; ++j) {
     w[j] = static_cast<A>(wr[j]);
@@ -537,12 +588,12 @@ __host__ __device__ __forceinline__ void final_grad(const StepIn<T>& in, int64_t
   }
   if constexpr (M == Mode::kReuse) {
     T q[N];
-    load<N>(q, in.psf + i);
+    load<N>(q, p.psf + i);
     VSAM_UNROLL
-    for (int j = 0; j < N; ++j) d[j] = d[j] + in.coeff * static_cast<A>(q[j]);
+    for (int j = 0; j < N; ++j) d[j] = d[j] + a.coeff * static_cast<A>(q[j]);
   }
-  if constexpr (M == Mode::kRestorePsf) psf_and_stats<N>(g, in.psf, i, in.stat_start, s0, s1);
-  if (in.maximize) {
+  if constexpr (M == Mode::kRestorePsf) psf_and_stats<N>(g, p.psf, i, a.stat_start, s0, s1);
+  if (a.maximize) {
     VSAM_UNROLL
     for (int j = 0; j < N; ++j) d[j] = -d[j];
   }
@@ -552,18 +603,31 @@ template <typename T, Mode M>
 struct SgdF {
   using acc = acc_t<T>;
   static constexpr int kV = kVec<T>;
-  static constexpr bool kStats = M == Mode::kRestorePsf;
-  StepIn<T> in;
-  T* buf;              // momentum buffer; nullptr when momentum == 0
+  static constexpr int kSums = M == Mode::kRestorePsf ? 2 : 0;
+  static constexpr bool kPerSegment = false;
+  struct Ptrs {
+    StepPtrs<T> in;
+    T* buf;            // momentum buffer; nullptr when momentum == 0
+  };
+  Ptrs p;
+  StepArgs<T> a;
   acc lr, weight_decay, momentum, one_minus_dampening;
   bool has_weight_decay, has_momentum, nesterov, first;
 
-  __host__ __device__ __forceinline__ void load_device_scalars() {}
+  __host__ __device__ __forceinline__ void bind(const Ptrs& q, int64_t stat_from, int64_t) {
+    p = q;
+    a.stat_start = stat_from;
+  }
 
-  template <int N>
-  __host__ __device__ __forceinline__ void apply(int64_t i, acc& s0, acc& s1) const {
+  template <int N, typename S>
+  __host__ __device__ __forceinline__ void apply(int64_t i, S& s) const {
     acc w[N], d[N];
-    final_grad<M, N>(in, i, w, d, s0, s1);
+    if constexpr (kSums == 2) {
+      final_grad<M, N>(p.in, a, i, w, d, s[0], s[1]);
+    } else {
+      acc unused0 = acc(0), unused1 = acc(0);
+      final_grad<M, N>(p.in, a, i, w, d, unused0, unused1);
+    }
     if (has_weight_decay) {
       VSAM_UNROLL
       for (int j = 0; j < N; ++j) d[j] = d[j] + weight_decay * w[j];
@@ -575,7 +639,7 @@ struct SgdF {
         VSAM_UNROLL
         for (int j = 0; j < N; ++j) b[j] = d[j];
       } else {
-        load<N>(bt, buf + i);
+        load<N>(bt, p.buf + i);
         VSAM_UNROLL
         for (int j = 0; j < N; ++j) b[j] = momentum * static_cast<acc>(bt[j]) + one_minus_dampening * d[j];
       }
@@ -584,12 +648,12 @@ struct SgdF {
         bt[j] = static_cast<T>(b[j]);
         d[j] = nesterov ? d[j] + momentum * b[j] : b[j];
       }
-      store<N>(buf + i, bt);
+      store<N>(p.buf + i, bt);
     }
     T out[N];
     VSAM_UNROLL
     for (int j = 0; j < N; ++j) out[j] = static_cast<T>(w[j] - lr * d[j]);
-    store<N>(in.param + i, out);
+    store<N>(p.in.param + i, out);
   }
 };
 
@@ -597,24 +661,37 @@ template <typename T, Mode M>
 struct AdamWF {
   using acc = acc_t<T>;
   static constexpr int kV = kVec<T>;
-  static constexpr bool kStats = M == Mode::kRestorePsf;
-  StepIn<T> in;
-  T* exp_avg;
-  T* exp_avg_sq;
+  static constexpr int kSums = M == Mode::kRestorePsf ? 2 : 0;
+  static constexpr bool kPerSegment = false;
+  struct Ptrs {
+    StepPtrs<T> in;
+    T* exp_avg;
+    T* exp_avg_sq;
+  };
+  Ptrs p;
+  StepArgs<T> a;
   acc decay;             // 1 - lr * weight_decay
   acc one_minus_beta1, beta2, one_minus_beta2, eps;
   acc step_size;         // lr / (1 - beta1^step)
   acc bias_correction2_sqrt;   // sqrt(1 - beta2^step)
 
-  __host__ __device__ __forceinline__ void load_device_scalars() {}
+  __host__ __device__ __forceinline__ void bind(const Ptrs& q, int64_t stat_from, int64_t) {
+    p = q;
+    a.stat_start = stat_from;
+  }
 
-  template <int N>
-  __host__ __device__ __forceinline__ void apply(int64_t i, acc& s0, acc& s1) const {
+  template <int N, typename S>
+  __host__ __device__ __forceinline__ void apply(int64_t i, S& s) const {
     acc w[N], d[N];
-    final_grad<M, N>(in, i, w, d, s0, s1);
+    if constexpr (kSums == 2) {
+      final_grad<M, N>(p.in, a, i, w, d, s[0], s[1]);
+    } else {
+      acc unused0 = acc(0), unused1 = acc(0);
+      final_grad<M, N>(p.in, a, i, w, d, unused0, unused1);
+    }
     T mt[N], vt[N], out[N];
-    load<N>(mt, exp_avg + i);
-    load<N>(vt, exp_avg_sq + i);
+    load<N>(mt, p.exp_avg + i);
+    load<N>(vt, p.exp_avg_sq + i);
     VSAM_UNROLL
     for (int j = 0; j < N; ++j) {
       const acc m_old = static_cast<acc>(mt[j]);
@@ -625,112 +702,162 @@ struct AdamWF {
       const acc denom = dev_sqrt(v) / bias_correction2_sqrt + eps;
       out[j] = static_cast<T>(w[j] * decay - step_size * m / denom);
     }
-    store<N>(exp_avg + i, mt);
-    store<N>(exp_avg_sq + i, vt);
-    store<N>(in.param + i, out);
+    store<N>(p.exp_avg + i, mt);
+    store<N>(p.exp_avg_sq + i, vt);
+    store<N>(p.in.param + i, out);
   }
 };
 
-// The functors, from the ops' arguments (host scalars in double, as the reference computes them
-// in Python, then rounded once to acc_t).
-template <typename T, Mode M>
-SgdF<T, M> make_sgd(const StepIn<T>& in, T* buf, double lr, double weight_decay, double momentum, double dampening,
-                    bool nesterov, bool first) {
-  using A = acc_t<T>;
-  return SgdF<T, M>{in, buf, static_cast<A>(lr), static_cast<A>(weight_decay), static_cast<A>(momentum),
-                    static_cast<A>(1.0 - dampening), weight_decay != 0.0, momentum != 0.0, nesterov, first};
+// The scalars of the functors, from the ops' arguments (host scalars in double, as the reference
+// computes them in Python, then rounded once to acc_t).
+template <typename T>
+StepArgs<T> step_args(double coeff, bool maximize) {
+  return StepArgs<T>{static_cast<acc_t<T>>(coeff), 0, maximize};
 }
 
 template <typename T, Mode M>
-AdamWF<T, M> make_adamw(const StepIn<T>& in, T* exp_avg, T* exp_avg_sq, double lr, double beta1, double beta2,
-                        double eps, double weight_decay, int64_t step) {
+SgdF<T, M> make_sgd(double coeff, bool maximize, double lr, double weight_decay, double momentum, double dampening,
+                    bool nesterov, bool first) {
+  using A = acc_t<T>;
+  return SgdF<T, M>{{}, step_args<T>(coeff, maximize), static_cast<A>(lr), static_cast<A>(weight_decay),
+                    static_cast<A>(momentum), static_cast<A>(1.0 - dampening), weight_decay != 0.0, momentum != 0.0,
+                    nesterov, first};
+}
+
+template <typename T, Mode M>
+AdamWF<T, M> make_adamw(double coeff, bool maximize, double lr, double beta1, double beta2, double eps,
+                        double weight_decay, int64_t step) {
   using A = acc_t<T>;
   const double step_size = lr / (1.0 - std::pow(beta1, static_cast<double>(step)));
   const double bias_correction2_sqrt = std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)));
-  return AdamWF<T, M>{in, exp_avg, exp_avg_sq, static_cast<A>(1.0 - lr * weight_decay),
+  return AdamWF<T, M>{{}, step_args<T>(coeff, maximize), static_cast<A>(1.0 - lr * weight_decay),
                       static_cast<A>(1.0 - beta1), static_cast<A>(beta2), static_cast<A>(1.0 - beta2),
                       static_cast<A>(eps), static_cast<A>(step_size), static_cast<A>(bias_correction2_sqrt)};
 }
 
-// Checks the buffers of the final gradient; returns the mode.
-Mode check_final_grad(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& psf,
-                      const std::optional<at::Tensor>& backup, double coeff) {
+template <typename T>
+StepPtrs<T> step_ptrs(at::TensorList param, at::TensorList grad, const OptList& psf, const OptList& backup,
+                      int64_t t) {
+  return StepPtrs<T>{param[t].data_ptr<T>(), grad[t].data_ptr<T>(), at_or_null<T>(psf, t),
+                     at_or_null<T>(backup, t)};
+}
+
+at::Tensor sgd_impl(at::TensorList param, at::TensorList grad, const OptList& momentum_buffer, const OptList& psf,
+                    const OptList& backup, double coeff, const std::vector<Span>& spans, double lr,
+                    double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
+                    bool first) {
+  const Mode mode = pick_mode(psf.has_value(), backup.has_value(), coeff);
+  const bool has_momentum = momentum != 0.0;
+  at::Tensor stats;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param[0].scalar_type(), "vsam_ext::sgd_step", [&] {
+    using T = scalar_t;
+    stats = with_mode(mode, [&](auto mode_c) {
+      constexpr Mode M = decltype(mode_c)::value;
+      using F = SgdF<T, M>;
+      const F f = make_sgd<T, M>(coeff, maximize, lr, weight_decay, momentum, dampening, nesterov, first);
+      return launch(f, spans, [&](int64_t t) {
+        return typename F::Ptrs{step_ptrs<T>(param, grad, psf, backup, t),
+                                has_momentum ? (*momentum_buffer)[t].data_ptr<T>() : nullptr};
+      }, param[0].options(), "sgd_step");
+    });
+  });
+  return stats.defined() ? stats : no_stats(param[0].options());
+}
+
+at::Tensor adamw_impl(at::TensorList param, at::TensorList grad, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                      const OptList& psf, const OptList& backup, double coeff, const std::vector<Span>& spans,
+                      double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
+                      bool maximize) {
+  const Mode mode = pick_mode(psf.has_value(), backup.has_value(), coeff);
+  at::Tensor stats;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param[0].scalar_type(), "vsam_ext::adamw_step", [&] {
+    using T = scalar_t;
+    stats = with_mode(mode, [&](auto mode_c) {
+      constexpr Mode M = decltype(mode_c)::value;
+      using F = AdamWF<T, M>;
+      const F f = make_adamw<T, M>(coeff, maximize, lr, beta1, beta2, eps, weight_decay, step);
+      return launch(f, spans, [&](int64_t t) {
+        return typename F::Ptrs{step_ptrs<T>(param, grad, psf, backup, t), exp_avg[t].data_ptr<T>(),
+                                exp_avg_sq[t].data_ptr<T>()};
+      }, param[0].options(), "adamw_step");
+    });
+  });
+  return stats.defined() ? stats : no_stats(param[0].options());
+}
+
+void check_step(int64_t step) {
+  TORCH_CHECK(step >= 1, "vsam_ext: adamw_step: step must be >= 1 (the count after this step's increment), got ",
+              step);
+}
+
+// Checks the buffers of the final gradient of a flat step.
+void check_final_grad(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& psf,
+                      const std::optional<at::Tensor>& backup) {
   check_main(param, "param");
   check_like(grad, "grad", param, "param");
   if (present(psf)) check_like(*psf, "psf", param, "param");
   if (present(backup)) check_like(*backup, "backup", param, "param");
-  return pick_mode(present(psf), present(backup), coeff);
-}
-
-template <typename T>
-StepIn<T> step_in(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& psf,
-                  const std::optional<at::Tensor>& backup, double coeff, int64_t stat_start, bool maximize) {
-  return StepIn<T>{param.data_ptr<T>(), grad.data_ptr<T>(), ptr_or_null<T>(psf), ptr_or_null<T>(backup),
-                   static_cast<acc_t<T>>(coeff), slice_index(stat_start, param.numel()), maximize};
-}
-
-template <typename T>
-bool step_in_aligned(const StepIn<T>& in) {
-  return aligned16(in.param) && aligned16(in.grad) && (in.psf == nullptr || aligned16(in.psf)) &&
-         (in.backup == nullptr || aligned16(in.backup));
-}
-
-at::Tensor no_stats_if_undefined(at::Tensor stats, const at::Tensor& param) {
-  return stats.defined() ? stats : at::empty({0}, param.options().dtype(at::kFloat));
 }
 
 at::Tensor sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
                          const std::optional<at::Tensor>& psf, const std::optional<at::Tensor>& backup, double coeff,
                          int64_t stat_start, double lr, double weight_decay, double momentum, double dampening,
                          bool nesterov, bool maximize, bool first) {
-  const Mode mode = check_final_grad(param, grad, psf, backup, coeff);
-  const bool has_momentum = momentum != 0.0;
-  if (has_momentum) {
+  check_final_grad(param, grad, psf, backup);
+  if (momentum != 0.0) {
     TORCH_CHECK(present(momentum_buffer), "vsam_ext: sgd_step: momentum_buffer is required when momentum != 0");
     check_like(*momentum_buffer, "momentum_buffer", param, "param");
   }
-  const int64_t n = param.numel();
   const c10::cuda::CUDAGuard guard(param.device());
-  at::Tensor stats;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "vsam_ext::sgd_step", [&] {
-    using T = scalar_t;
-    const StepIn<T> in = step_in<T>(param, grad, psf, backup, coeff, stat_start, maximize);
-    T* buf = has_momentum ? momentum_buffer->data_ptr<T>() : nullptr;
-    const bool vec_ok = step_in_aligned(in) && (buf == nullptr || aligned16(buf));
-    stats = with_mode(mode, [&](auto mode_c) {
-      constexpr Mode M = decltype(mode_c)::value;
-      const auto f = make_sgd<T, M>(in, buf, lr, weight_decay, momentum, dampening, nesterov, first);
-      return launch_elementwise<T>(f, n, vec_ok, param);
-    });
-  });
-  return no_stats_if_undefined(stats, param);
+  return sgd_impl(param, grad, momentum != 0.0 ? one_or_none(momentum_buffer) : OptList(), one_or_none(psf),
+                  one_or_none(backup), coeff, flat_spans(param.numel(), stat_start), lr, weight_decay, momentum,
+                  dampening, nesterov, maximize, first);
 }
 
 at::Tensor adamw_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                            const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& psf,
                            const std::optional<at::Tensor>& backup, double coeff, int64_t stat_start, double lr,
                            double beta1, double beta2, double eps, double weight_decay, int64_t step, bool maximize) {
-  const Mode mode = check_final_grad(param, grad, psf, backup, coeff);
+  check_final_grad(param, grad, psf, backup);
   check_like(exp_avg, "exp_avg", param, "param");
   check_like(exp_avg_sq, "exp_avg_sq", param, "param");
-  TORCH_CHECK(step >= 1, "vsam_ext: adamw_step: step must be >= 1 (the count after this step's increment), got ",
-              step);
-  const int64_t n = param.numel();
+  check_step(step);
   const c10::cuda::CUDAGuard guard(param.device());
-  at::Tensor stats;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "vsam_ext::adamw_step", [&] {
-    using T = scalar_t;
-    const StepIn<T> in = step_in<T>(param, grad, psf, backup, coeff, stat_start, maximize);
-    T* m = exp_avg.data_ptr<T>();
-    T* v = exp_avg_sq.data_ptr<T>();
-    const bool vec_ok = step_in_aligned(in) && aligned16(m) && aligned16(v);
-    stats = with_mode(mode, [&](auto mode_c) {
-      constexpr Mode M = decltype(mode_c)::value;
-      const auto f = make_adamw<T, M>(in, m, v, lr, beta1, beta2, eps, weight_decay, step);
-      return launch_elementwise<T>(f, n, vec_ok, param);
-    });
-  });
-  return no_stats_if_undefined(stats, param);
+  return adamw_impl(param, grad, exp_avg, exp_avg_sq, one_or_none(psf), one_or_none(backup), coeff,
+                    flat_spans(param.numel(), stat_start), lr, beta1, beta2, eps, weight_decay, step, maximize);
+}
+
+at::Tensor sgd_step_list_cuda(at::TensorList param, at::TensorList grad, OptList momentum_buffer, OptList psf,
+                              OptList backup, double coeff, int64_t stat_first, double lr, double weight_decay,
+                              double momentum, double dampening, bool nesterov, bool maximize, bool first) {
+  const ListArgs args(param, "param");
+  args.same(grad, "grad");
+  args.same(momentum_buffer, "momentum_buffer");
+  args.same(psf, "psf");
+  args.same(backup, "backup");
+  TORCH_CHECK(momentum == 0.0 || momentum_buffer.has_value(),
+              "vsam_ext: sgd_step: momentum_buffer is required when momentum != 0");
+  if (args.empty()) return empty_stats(backup.has_value() && psf.has_value());
+  const c10::cuda::CUDAGuard guard(args.device());
+  return sgd_impl(param, grad, momentum_buffer, psf, backup, coeff, list_spans(param, stat_first), lr, weight_decay,
+                  momentum, dampening, nesterov, maximize, first);
+}
+
+at::Tensor adamw_step_list_cuda(at::TensorList param, at::TensorList grad, at::TensorList exp_avg,
+                                at::TensorList exp_avg_sq, OptList psf, OptList backup, double coeff,
+                                int64_t stat_first, double lr, double beta1, double beta2, double eps,
+                                double weight_decay, int64_t step, bool maximize) {
+  const ListArgs args(param, "param");
+  args.same(grad, "grad");
+  args.same(exp_avg, "exp_avg");
+  args.same(exp_avg_sq, "exp_avg_sq");
+  args.same(psf, "psf");
+  args.same(backup, "backup");
+  check_step(step);
+  if (args.empty()) return empty_stats(backup.has_value() && psf.has_value());
+  const c10::cuda::CUDAGuard guard(args.device());
+  return adamw_impl(param, grad, exp_avg, exp_avg_sq, psf, backup, coeff, list_spans(param, stat_first), lr, beta1,
+                    beta2, eps, weight_decay, step, maximize);
 }
 
 }  // namespace
@@ -746,4 +873,12 @@ TORCH_LIBRARY_IMPL(vsam_ext, CUDA, m) {
   m.impl("reuse", &vsam_ext::gpu::reuse_cuda);
   m.impl("sgd_step", &vsam_ext::gpu::sgd_step_cuda);
   m.impl("adamw_step", &vsam_ext::gpu::adamw_step_cuda);
+  m.impl("segment_sumsq_list", &vsam_ext::gpu::segment_sumsq_list_cuda);
+  m.impl("segment_gram_list", &vsam_ext::gpu::segment_gram_list_cuda);
+  m.impl("segment_axpby_list", &vsam_ext::gpu::segment_axpby_list_cuda);
+  m.impl("perturb_list", &vsam_ext::gpu::perturb_list_cuda);
+  m.impl("restore_psf_stats_list", &vsam_ext::gpu::restore_psf_stats_list_cuda);
+  m.impl("reuse_list", &vsam_ext::gpu::reuse_list_cuda);
+  m.impl("sgd_step_list", &vsam_ext::gpu::sgd_step_list_cuda);
+  m.impl("adamw_step_list", &vsam_ext::gpu::adamw_step_list_cuda);
 }
