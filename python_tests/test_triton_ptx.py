@@ -23,8 +23,15 @@ launchable variants per dtype (MODE x weight decay x momentum/Nesterov/first ste
 default 6 are compiled: each MODE with every optional term on (weight decay, momentum, Nesterov,
 maximize), plain SGD, and heavy ball on its first step. ``_adamw_kernel``: each MODE maximizing,
 and MODE 0 not. So every float operation of each kernel is in some compiled variant, and each
-flag is off in one. ``VSAM_TRITON_PTX_FULL=1`` compiles every variant (405 compilations, ~1 min
+flag is off in one. ``VSAM_TRITON_PTX_FULL=1`` compiles every variant (~650 compilations, ~2 min
 cold on 2 cores).
+
+The list ops (``<op>_list``): the segment kernels always read their segments' addresses from the
+table; the element-wise kernels do with ``LIST=True``, the same maths after a prologue that
+loads the tensor's addresses (int64) and casts them to pointers. Every element-wise kernel is
+also compiled with ``LIST=True`` in its every-term variant (the full run: every variant both
+ways), and its PTX must load the table's entries (unpredicated 64-bit loads: block -> tensor,
+numel, first block and one address per operand).
 
 The mutation check compiles the SGD kernel with ``enable_fp_fusion=True`` (Triton's default
 until 3.10) and requires the checker to find ``fma`` there: the test can fail.
@@ -47,6 +54,19 @@ DTYPES = ("fp32", "fp64", "bf16", "fp16")
 KERNELS = ("_segment_partials_kernel", "_segment_reduce_kernel", "_axpby_kernel", "_perturb_kernel",
            "_restore_kernel", "_reuse_kernel", "_sgd_kernel", "_adamw_kernel")
 HELPERS = ("_rounded", "_div_rn", "_sqrt_rn", "_psf_and_stats", "_final_grad")
+# the kernels launched for flat buffers (LIST=False) and for lists of tensors (LIST=True)
+ELEMENTWISE = ("_perturb_kernel", "_restore_kernel", "_reuse_kernel", "_sgd_kernel", "_adamw_kernel")
+# the least number of table entries (64-bit, unmasked loads) a program of a list variant reads:
+# block -> tensor, numel, first block, and one address per operand the constexprs use
+TABLE_LOADS = {
+    "_segment_partials_kernel": lambda c: 3 + (1 if c["KIND"] == 0 else 2),
+    "_axpby_kernel": lambda c: 3 + 2,
+    "_perturb_kernel": lambda c: 3 + 3 + c["HAS_KEEP"],
+    "_restore_kernel": lambda c: 3 + (4 if c["HAS_PSF"] else 2),
+    "_reuse_kernel": lambda c: 3 + 2,
+    "_sgd_kernel": lambda c: 3 + 2 + c["MOMENTUM"] + (c["MODE"] in (1, 3)) + (c["MODE"] >= 2),
+    "_adamw_kernel": lambda c: 3 + 4 + (c["MODE"] in (1, 3)) + (c["MODE"] >= 2),
+}
 TARGET_ARCH = 90
 CHILD_TIMEOUT_S = 600
 MUTANT = ("_sgd_kernel", "fp32")          # compiled with enable_fp_fusion=True: must show fma
@@ -78,6 +98,14 @@ def _variants(tb, full):
         def add(name, ptrs, **constexprs):
             out.append((name, dt, ptrs, constexprs))
 
+        def add_elementwise(name, ptrs, every_term, **constexprs):
+            """Flat (``LIST=False``: ``table_ptr`` is a buffer, as launched) and, for the
+            every-term variant or in the full run, the list form."""
+            for lst in (False, True):
+                if lst and not (full or every_term):
+                    continue
+                add(name, dict(ptrs, table_ptr="i64" if lst else "buf"), LIST=lst, **constexprs)
+
         seg = dict(table_ptr="i64", part_ptr="acc")
         for kind in (tb._SUMSQ, tb._SUMSQ_T, tb._GRAM):
             add("_segment_partials_kernel", dict(seg, a_ptr="buf", b_ptr="buf"), KIND=kind, ACC=ACC,
@@ -88,16 +116,17 @@ def _variants(tb, full):
             ACC=ACC, BLOCK=tb.BLOCK)
         for adaptive in (False, True):
             for keep in (False, True):
-                add("_perturb_kernel", dict(p_ptr="buf", g_ptr="buf", scale_ptr="acc", backup_ptr="buf",
-                                            keep_ptr="buf"),
-                    ADAPTIVE=adaptive, HAS_KEEP=keep, ACC=ACC, BLOCK=tb.BLOCK)
+                add_elementwise("_perturb_kernel", dict(p_ptr="buf", g_ptr="buf", scale_ptr="acc", backup_ptr="buf",
+                                                        keep_ptr="buf"),
+                                adaptive and keep, ADAPTIVE=adaptive, HAS_KEEP=keep, ACC=ACC, BLOCK=tb.BLOCK)
         for has_psf in (False, True):
-            add("_restore_kernel", dict(p_ptr="buf", backup_ptr="buf", gs_ptr="buf", psf_ptr="buf",
-                                        part_ptr="acc" if has_psf else "buf"),
-                HAS_PSF=has_psf, ACC=ACC, BLOCK=tb.BLOCK)
-        add("_reuse_kernel", dict(g_ptr="buf", psf_ptr="buf"), ACC=ACC, BLOCK=tb.BLOCK)
+            add_elementwise("_restore_kernel", dict(p_ptr="buf", backup_ptr="buf", gs_ptr="buf", psf_ptr="buf",
+                                                    part_ptr="acc" if has_psf else "buf"),
+                            has_psf, HAS_PSF=has_psf, ACC=ACC, BLOCK=tb.BLOCK)
+        add_elementwise("_reuse_kernel", dict(g_ptr="buf", psf_ptr="buf"), True, ACC=ACC, BLOCK=tb.BLOCK)
 
         modes = (tb._PLAIN, tb._REUSE, tb._RESTORE, tb._RESTORE_PSF)
+        EVERY_SGD_TERM = (tb._RESTORE_PSF, True, True, True, True, False)
         step_ptrs = lambda mode, **more: dict(more, p_ptr="buf", g_ptr="buf", psf_ptr="buf", backup_ptr="buf",
                                               part_ptr="acc" if mode == tb._RESTORE_PSF else "buf")
         if full:
@@ -109,13 +138,14 @@ def _variants(tb, full):
                 (tb._REUSE, False, False, False, False, False),           # plain SGD
                 (tb._RESTORE_PSF, False, True, False, False, True)]       # heavy ball, first step
         for m, wd, mom, nest, mx, first in sgd:
-            add("_sgd_kernel", step_ptrs(m, buf_ptr="buf"), MODE=m, WEIGHT_DECAY=wd, MOMENTUM=mom,
-                NESTEROV=nest, MAXIMIZE=mx, FIRST=first, ACC=ACC, BLOCK=tb.BLOCK)
+            add_elementwise("_sgd_kernel", step_ptrs(m, buf_ptr="buf"), (m, wd, mom, nest, mx, first) == EVERY_SGD_TERM,
+                            MODE=m, WEIGHT_DECAY=wd, MOMENTUM=mom, NESTEROV=nest, MAXIMIZE=mx, FIRST=first, ACC=ACC,
+                            BLOCK=tb.BLOCK)
         adamw = [(m, mx) for m in modes for mx in (False, True)] if full else \
             [(m, True) for m in modes] + [(tb._PLAIN, False)]
         for m, mx in adamw:
-            add("_adamw_kernel", step_ptrs(m, m_ptr="buf", v_ptr="buf"), MODE=m, MAXIMIZE=mx, ACC=ACC,
-                BLOCK=tb.BLOCK)
+            add_elementwise("_adamw_kernel", step_ptrs(m, m_ptr="buf", v_ptr="buf"), (m, mx) == (tb._RESTORE_PSF, True),
+                            MODE=m, MAXIMIZE=mx, ACC=ACC, BLOCK=tb.BLOCK)
     return out
 
 
@@ -164,9 +194,11 @@ def _compile(job):
     for m in re.finditer(rf"^\s*(?:@!?%\w+\s+)?((?:add|sub|mul|fma|mad|div|sqrt|rcp|rsqrt|neg|abs|min|max|cvt)"
                          rf"(?:\.\w+)*\.{fl}\b(?:\.\w+)*)", ptx, re.M):
         ops[m.group(1)] = ops.get(m.group(1), 0) + 1
+    # loads that no mask guards, of 64-bit values: the table's entries (and fp64 scalars)
+    table_loads = len(re.findall(r"^\s*ld\.global(?:\.\w+)*\.(?:b64|u64|s64)\s", ptx, re.M))
     const = {k: (str(v) if not isinstance(v, (bool, int)) else v) for k, v in constexprs.items()}
     return dict(kernel=name, dtype=dt, constexprs=const, fusion=fusion, offending=bad, ftz=ftz, ops=ops,
-                seconds=round(seconds, 3))
+                table_loads=table_loads, seconds=round(seconds, 3))
 
 
 def _find_ptxas():
@@ -294,6 +326,28 @@ def test_kernels_compiled_as_launched_on_a_gpu(compiled):
     assert compiled["launch"].get("enable_fp_fusion") is False, compiled["launch"]
     assert compiled["BLOCK"] < 65536, compiled["BLOCK"]         # the GPU's block, not the interpreter's
     assert {(r["kernel"], r["dtype"]) for r in compiled["results"]} == {(k, d) for k in KERNELS for d in DTYPES}
+    # the element-wise kernels both ways: flat buffers and lists
+    both = {(r["kernel"], r["dtype"], r["constexprs"]["LIST"]) for r in compiled["results"]
+            if "LIST" in r["constexprs"]}
+    assert both == {(k, d, lst) for k in ELEMENTWISE for d in DTYPES for lst in (False, True)}, both
+
+
+@pytest.mark.parametrize("kernel", sorted(TABLE_LOADS))
+def test_list_kernels_load_their_pointers_from_the_table(compiled, kernel):
+    """Each program of a list kernel (and of the segment kernels, which always work from the
+    table) loads its block's tensor, the tensor's numel and first block, and one address per
+    operand it uses, as int64, and casts them to pointers: compiled for sm_90, the loads are in
+    the PTX."""
+    results = [r for r in compiled["results"] if r["kernel"] == kernel and not r["fusion"]]
+    lists = [r for r in results if r["constexprs"].get("LIST", True)]
+    assert lists
+    for r in lists:
+        want = TABLE_LOADS[kernel](r["constexprs"])
+        assert r["table_loads"] >= want, (r["kernel"], r["dtype"], r["constexprs"], r["table_loads"], want)
+    # what is counted: the flat form loads no 64-bit value unmasked (but fp64 scalars: its scale)
+    for r in results:
+        if not r["constexprs"].get("LIST", True) and r["dtype"] != "fp64":
+            assert r["table_loads"] == 0, (r["kernel"], r["dtype"], r["constexprs"], r["table_loads"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -4,6 +4,13 @@ Same functions, signatures and results as ``reference`` (the oracle). Runs on CU
 on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``, set before this module is
 imported), which is how it is tested on machines without a GPU.
 
+Every op also has its list form (``<op>_list``, the signatures of ``lists.per_tensor``: each tensor
+viewed 1-D, each tensor one segment of the segment ops, the statistics over the tensors of index
+>= ``stat_first``), multi-tensor-apply style: one launch per op over all the tensors (FSDP2's
+local shards, the base optimizer's state), not one per tensor. The list form is the same kernel
+as the flat op (a constexpr ``LIST`` prologue, or for the segment ops the same table), so both
+give the same bits. See "segment tables" below.
+
 Conventions shared by every kernel (each ``@triton.jit`` kernel sits beside its host wrapper):
 
 * Loads and stores in the buffers' dtype; maths in fp32 registers (fp64 for fp64 buffers); one
@@ -20,6 +27,10 @@ Conventions shared by every kernel (each ``@triton.jit`` kernel sits beside its 
 * Statistics and sums of squares are deterministic: each program writes its partial sums to a
   scratch tensor, which is then reduced in a fixed order (torch ``.sum`` on the device, or the
   per-segment reduction kernel). No float atomics.
+* List ops: the tensors' addresses (``data_ptr()``) go to the kernel in an int64 device table
+  with the block->tensor map, uploaded in one copy (pinned, non-blocking on CUDA) and cached by
+  addresses and sizes (LRU): the same tensors come back every step. Checks of the lists (lengths,
+  numels, dtype, device, contiguity) are on the host, before anything is launched.
 """
 from __future__ import annotations
 
@@ -40,7 +51,9 @@ try:
 except Exception as exc:  # noqa: BLE001  (a broken install raises more than ImportError)
     raise ImportError(f"triton is not importable: {exc}") from exc
 
-__all__ = ["usable", "segment_sumsq", "segment_gram", "segment_axpby", "perturb", "restore_psf_stats", "reuse", "sgd_step", "adamw_step"]
+__all__ = ["usable", "segment_sumsq", "segment_gram", "segment_axpby", "perturb", "restore_psf_stats", "reuse",
+           "sgd_step", "adamw_step", "segment_sumsq_list", "segment_gram_list", "segment_axpby_list",
+           "perturb_list", "restore_psf_stats_list", "reuse_list", "sgd_step_list", "adamw_step_list"]
 
 # Decided once, when the kernels are decorated: the interpreter reads this variable then too.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -169,54 +182,165 @@ def _stat_start(stat_start: int, n: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# segment_sumsq / segment_gram / segment_axpby: one program per (segment, block) writes its
-# partial sums, then a per-segment reduction kernel sums them in a fixed order
+# segment tables: which (segment, block) each program works on, and every segment's address
 # --------------------------------------------------------------------------------------------
 
-_TABLES: "OrderedDict[tuple, Tuple[torch.Tensor, int]]" = OrderedDict()
-_TABLES_MAX = 32
+# Layout of a table (one int64 tensor on the buffers' device, written in one host->device copy):
+#   first block of each segment [nseg + 1] | numel of each segment [nseg] |
+#   segment of each block [nblocks] | address of each segment, operand by operand [K x nseg]
+# A segment is a tensor of a list op, or a slice of a flat buffer (the flat segment ops). A
+# kernel reads the addresses as int64 and casts them to pointers of its arguments' element type
+# (``tl.load(...).to(x_ptr.dtype)``: inttoptr on a GPU; under the interpreter, whose pointers
+# are host addresses held as uint64, a bitcast). Empty segments get no block.
+_TABLES: "OrderedDict[tuple, Tuple[Optional[torch.Tensor], int]]" = OrderedDict()
+_TABLES_MAX = 64
 
 
-def _segment_table(bounds: Tuple[int, ...], n: int, block: int,
-                   device: torch.device) -> Tuple[torch.Tensor, int]:
-    """The block->segment table on ``device`` and the number of blocks, built on the host from
-    the bounds list and copied without blocking; cached, since the layout rarely changes.
-
-    Table (int64): first block of each segment [nseg + 1] | segment starts [nseg] |
-    segment ends [nseg] | segment of each block [nblocks]."""
-    key = (bounds, n, block, str(device))
+def _table(key: tuple, layout, block: int, device: torch.device) -> Tuple[Optional[torch.Tensor], int]:
+    """(table, number of blocks) for ``key``; ``layout()`` gives (numels, addresses: K x nseg
+    flattened) when it is not cached. No table when there is no block. LRU-cached: the same
+    tensors come back every step, so the table is built and uploaded once."""
     hit = _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)
         return hit
-    nseg = len(bounds) - 1
-    # Python's slice meaning for x[bounds[i]:bounds[i+1]]: negative from the end, clamped to [0, n]
-    b = torch.tensor([min(max(v + n if v < 0 else v, 0), n) for v in bounds], dtype=torch.int64)
-    lengths = (b[1:] - b[:-1]).clamp_(min=0)          # a decreasing pair is an empty slice
+    numels, addrs = layout()
+    lengths = torch.tensor(numels, dtype=torch.int64)
     blocks = (lengths + (block - 1)) // block
-    first = torch.zeros(nseg + 1, dtype=torch.int64)
+    first = torch.zeros(len(numels) + 1, dtype=torch.int64)
     torch.cumsum(blocks, 0, out=first[1:])
     nblocks = int(first[-1])                           # host tensor: no device sync
-    seg_of_block = torch.repeat_interleave(torch.arange(nseg, dtype=torch.int64), blocks)
-    ends = torch.maximum(b[1:], b[:-1])                # a decreasing pair stays empty
-    table_host = torch.cat([first, b[:-1], ends, seg_of_block])
-    table = table_host.to(device, non_blocking=True)
+    table = None
+    if nblocks:
+        seg_of_block = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), blocks)
+        host = torch.cat([first, lengths, seg_of_block, torch.tensor(addrs, dtype=torch.int64)])
+        if device.type == "cuda":                      # pinned: the copy does not block the host
+            table = host.pin_memory().to(device, non_blocking=True)
+        else:
+            table = host
     _TABLES[key] = (table, nblocks)
     if len(_TABLES) > _TABLES_MAX:
         _TABLES.popitem(last=False)
     return table, nblocks
 
 
-def _segments(x: torch.Tensor, bounds: Sequence[int]) -> Tuple[int, Optional[torch.Tensor], int, int]:
-    """(segments, table, blocks, block) of a segmented op on ``x``; no table when nothing is
-    to be launched (no segment, or every segment empty)."""
-    nseg = max(len(bounds) - 1, 0)
-    if nseg == 0:
-        return 0, None, 0, 0
-    block = _block(x.numel())
-    table, nblocks = _segment_table(tuple(int(v) for v in bounds), x.numel(), block, x.device)
-    return nseg, (table if nblocks else None), nblocks, block
+def _table_device(device: torch.device) -> None:
+    if _INTERPRET and device.type != "cpu":
+        # the interpreter runs a kernel on host copies of its tensor arguments: the addresses in
+        # a table must be host memory, those of CPU tensors
+        raise ValueError(f"triton backend: under TRITON_INTERPRET=1 the list ops and the segment ops need CPU "
+                         f"tensors (their addresses are read on the host), got {device}")
 
+
+def _list_table(operands: Sequence[Sequence[torch.Tensor]]) -> Tuple[Optional[torch.Tensor], int, int]:
+    """(table, blocks, block) of a list op over ``operands`` (K lists of one length, the first
+    one's numels for all), keyed by every tensor's address and the numels."""
+    ref = operands[0]
+    _table_device(ref[0].device)
+    numels = tuple(t.numel() for t in ref)
+    addrs = tuple(t.data_ptr() for ts in operands for t in ts)
+    block = _block(max(numels, default=0))
+    device = ref[0].device
+    table, nblocks = _table(("list", block, str(device), numels, addrs), lambda: (numels, addrs), block, device)
+    return table, nblocks, block
+
+
+def _flat_table(bufs: Sequence[torch.Tensor], bounds: Sequence[int]) -> Tuple[Optional[torch.Tensor], int, int]:
+    """(table, blocks, block) of a flat segment op: segment i of buffer k is
+    ``bufs[k][bounds[i]:bounds[i+1]]`` with Python's slice meaning (negative from the end,
+    clamped, a decreasing pair empty), as in the reference."""
+    x = bufs[0]
+    _table_device(x.device)
+    n, size = x.numel(), x.element_size()
+    bounds = tuple(int(v) for v in bounds)
+    bases = tuple(b.data_ptr() for b in bufs)
+    block = _block(n)
+
+    def layout():
+        starts, numels = [], []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            lo, hi, _ = slice(a, b).indices(n)
+            starts.append(lo)
+            numels.append(max(hi - lo, 0))
+        return numels, [base + s * size for base in bases for s in starts]
+
+    table, nblocks = _table(("flat", block, str(x.device), n, size, bounds, bases), layout, block, x.device)
+    return table, nblocks, block
+
+
+# --------------------------------------------------------------------------------------------
+# list arguments
+# --------------------------------------------------------------------------------------------
+
+def _as_list(name: str, ts) -> list:
+    if not isinstance(ts, (list, tuple)) or not all(isinstance(t, torch.Tensor) for t in ts):
+        raise TypeError(f"triton backend: {name} must be a list of tensors, got {type(ts).__name__}"
+                        + ("" if not isinstance(ts, (list, tuple)) else " holding "
+                           + ", ".join(sorted({type(t).__name__ for t in ts if not isinstance(t, torch.Tensor)}))))
+    return list(ts)
+
+
+def _check_lists(ref_name: str, ref, optional: Tuple[str, ...] = (), **others) -> Optional[torch.Tensor]:
+    """Host-side checks of a list op's tensor lists (no sync, before anything is written): lists of
+    tensors (None only for the names in ``optional``) of one length; every tensor contiguous, of
+    one float dtype and one device (CUDA, or any under the interpreter); tensor i of each list as
+    many elements as ``ref[i]``. Returns ``ref[0]`` (None for empty lists)."""
+    ref = _as_list(ref_name, ref)
+    lists = [(ref_name, ref)]
+    for name, ts in others.items():
+        if ts is None:
+            if name not in optional:
+                raise TypeError(f"triton backend: {name} must be a list of tensors, got None")
+            continue
+        ts = _as_list(name, ts)
+        if len(ts) != len(ref):
+            raise ValueError(f"triton backend: {name} has {len(ts)} tensors, {ref_name} has {len(ref)}")
+        lists.append((name, ts))
+    if not ref:
+        return None
+    t0 = ref[0]
+    dtype, device = t0.dtype, t0.device
+    if dtype not in _FLOATS:
+        raise ValueError(f"triton backend: {ref_name}[0] has unsupported dtype {dtype}")
+    if not _INTERPRET and device.type != "cuda":
+        raise ValueError(f"triton backend: needs CUDA tensors (or TRITON_INTERPRET=1), got {ref_name}[0] on {device}")
+    numels = [t.numel() for t in ref]
+    for name, ts in lists:
+        for i, t in enumerate(ts):
+            if t.dtype != dtype or t.device != device:
+                raise ValueError(f"triton backend: {name}[{i}] is {t.dtype} on {t.device}, but {ref_name}[0] is "
+                                 f"{dtype} on {device}: one dtype and one device for all tensors")
+            if t.numel() != numels[i]:
+                raise ValueError(f"triton backend: {name}[{i}] has {t.numel()} elements, {ref_name}[{i}] has "
+                                 f"{numels[i]}")
+            if not t.is_contiguous():
+                raise ValueError(f"triton backend: {name}[{i}] must be contiguous")
+    return t0
+
+
+def _check_coeffs(t0: torch.Tensor, nseg: int, op: str, **coeffs: torch.Tensor) -> None:
+    want = _acc_torch(t0.dtype)
+    for name, t in coeffs.items():
+        if not isinstance(t, torch.Tensor) or t.dtype != want or t.device != t0.device or t.numel() != nseg:
+            got = (f"{t.numel()} {t.dtype} values on {t.device}" if isinstance(t, torch.Tensor)
+                   else type(t).__name__)
+            raise ValueError(f"{op}: {name} must be {nseg} {want} values on {t0.device}, got {got}")
+
+
+def _empty_sums(nseg: int, like: Optional[torch.Tensor], width: Optional[int] = None) -> torch.Tensor:
+    """Zero sums: in ``like``'s maths dtype on its device; fp32 on the CPU for an empty list
+    (``lists.per_tensor``'s answer)."""
+    shape = (nseg,) if width is None else (nseg, width)
+    if like is None:
+        return torch.zeros(shape, dtype=torch.float32)
+    return torch.zeros(shape, dtype=_acc_torch(like.dtype), device=like.device)
+
+
+# --------------------------------------------------------------------------------------------
+# segment_sumsq / segment_gram / segment_axpby: one program per (segment, block) writes its
+# partial sums, then a per-segment reduction kernel sums them in a fixed order. The flat ops'
+# segments are slices of the buffers, the list ops' the tensors: one table layout, one kernel.
+# --------------------------------------------------------------------------------------------
 
 # what the partials kernel sums (constexpr KIND)
 _SUMSQ, _SUMSQ_T, _GRAM = 0, 1, 2
@@ -226,22 +350,25 @@ _SUMSQ, _SUMSQ_T, _GRAM = 0, 1, 2
 def _segment_partials_kernel(a_ptr, b_ptr, eta_hi, eta_mid, eta_lo, table_ptr, part_ptr, nseg, nblocks,
                              KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Partials (rows of ``nblocks``) of this program's (segment, block): sum a^2 (_SUMSQ);
-    sum ((|b| + eta) a)^2 (_SUMSQ_T: ASAM's T g); sum a^2 | sum a b | sum b^2 (_GRAM)."""
+    sum ((|b| + eta) a)^2 (_SUMSQ_T: ASAM's T g); sum a^2 | sum a b | sum b^2 (_GRAM).
+    ``a_ptr``/``b_ptr`` give the element type; the segment's addresses come from the table."""
     pid = tl.program_id(0)
-    seg = tl.load(table_ptr + 3 * nseg + 1 + pid)
-    first = tl.load(table_ptr + seg)
-    start = tl.load(table_ptr + nseg + 1 + seg)
-    end = tl.load(table_ptr + 2 * nseg + 1 + seg)
-    offs = start + (pid - first) * BLOCK + tl.arange(0, BLOCK)     # int64: start is int64
-    mask = offs < end
+    seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
+    n = tl.load(table_ptr + nseg + 1 + seg)
+    offs = (pid - tl.load(table_ptr + seg)) * BLOCK + tl.arange(0, BLOCK)     # int64: seg is int64
+    addr = table_ptr + 2 * nseg + 1 + nblocks + seg
+    a_ptr = tl.load(addr).to(a_ptr.dtype)
+    mask = offs < n
     a = tl.load(a_ptr + offs, mask=mask, other=0).to(ACC)
     if KIND == 2:
+        b_ptr = tl.load(addr + nseg).to(b_ptr.dtype)
         b = tl.load(b_ptr + offs, mask=mask, other=0).to(ACC)
         tl.store(part_ptr + pid, tl.sum(a * a, axis=0))
         tl.store(part_ptr + nblocks + pid, tl.sum(a * b, axis=0))
         tl.store(part_ptr + 2 * nblocks + pid, tl.sum(b * b, axis=0))
     else:
         if KIND == 1:
+            b_ptr = tl.load(addr + nseg).to(b_ptr.dtype)
             eta = tl.cast(eta_hi, ACC) + tl.cast(eta_mid, ACC) + tl.cast(eta_lo, ACC)
             a = (tl.abs(tl.load(b_ptr + offs, mask=mask, other=0).to(ACC)) + eta) * a
         tl.store(part_ptr + pid, tl.sum(tl.where(mask, a * a, 0.0), axis=0))
@@ -263,15 +390,24 @@ def _segment_reduce_kernel(part_ptr, table_ptr, out_ptr, nblocks, K: tl.constexp
 
 
 def _segment_sums(kernel, args, x: torch.Tensor, table: torch.Tensor, nseg: int, nblocks: int,
-                  k: int, out_dtype: torch.dtype, **meta) -> torch.Tensor:
+                  k: int, **meta) -> torch.Tensor:
     """Launch ``kernel(*args, table, partials, nseg, nblocks)`` on every (segment, block), then the
-    fixed-order reduction: the ``(nseg, k)`` sums in ``out_dtype``."""
+    fixed-order reduction: the ``(nseg, k)`` sums in the maths dtype."""
     partials = torch.empty((k, nblocks), dtype=_acc_torch(x.dtype), device=x.device)
-    out = torch.empty((nseg, k), dtype=out_dtype, device=x.device)
+    out = torch.empty((nseg, k), dtype=_acc_torch(x.dtype), device=x.device)
     with _device_ctx(x):
         kernel[(nblocks,)](*args, table, partials, nseg, nblocks, ACC=_acc(x.dtype), **meta, **_LAUNCH)
         _segment_reduce_kernel[(nseg,)](partials, table, out, nblocks, K=k, RBLOCK=RBLOCK, **_LAUNCH)
     return out
+
+
+def _sumsq(x: torch.Tensor, weight: Optional[torch.Tensor], eta: float, nseg: int, table, nblocks: int,
+           block: int) -> torch.Tensor:
+    if table is None:                                   # no segment, or all of them empty
+        return torch.zeros(nseg, dtype=_acc_torch(x.dtype), device=x.device)
+    args = (x, x if weight is None else weight, *_split(eta, x.dtype == torch.float64))
+    return _segment_sums(_segment_partials_kernel, args, x, table, nseg, nblocks, 1,
+                         KIND=_SUMSQ if weight is None else _SUMSQ_T, BLOCK=block).view(nseg)
 
 
 def segment_sumsq(x: torch.Tensor, bounds: Sequence[int],
@@ -279,25 +415,43 @@ def segment_sumsq(x: torch.Tensor, bounds: Sequence[int],
     """Per-segment sums of squares of ``x`` (of ``(|weight| + eta) * x`` when ``weight`` is
     given: ASAM's ``T g``), in fp32 (fp64 for fp64 buffers)."""
     _check(x, weight=weight)
-    out = _acc_torch(x.dtype)
-    nseg, table, nblocks, block = _segments(x, bounds)
-    if table is None:                                   # no segment, all empty, or n == 0
-        return torch.zeros(nseg, dtype=out, device=x.device)
-    args = (x, x if weight is None else weight, *_split(eta, x.dtype == torch.float64))
-    return _segment_sums(_segment_partials_kernel, args, x, table, nseg, nblocks, 1, out_dtype=out,
-                         KIND=_SUMSQ if weight is None else _SUMSQ_T, BLOCK=block).view(nseg)
+    nseg = max(len(bounds) - 1, 0)
+    table, nblocks, block = _flat_table((x, x if weight is None else weight), bounds)
+    return _sumsq(x, weight, eta, nseg, table, nblocks, block)
+
+
+def segment_sumsq_list(xs: Sequence[torch.Tensor], weights: Optional[Sequence[torch.Tensor]] = None,
+                       eta: float = 0.0) -> torch.Tensor:
+    """``segment_sumsq`` with each tensor of ``xs`` one segment: shape ``(len(xs),)``."""
+    x0 = _check_lists("xs", xs, ("weights",), weights=weights)
+    if x0 is None:
+        return _empty_sums(0, None)
+    table, nblocks, block = _list_table((xs, xs if weights is None else weights))
+    return _sumsq(x0, None if weights is None else weights[0], eta, len(xs), table, nblocks, block)
+
+
+def _gram(a: torch.Tensor, b: torch.Tensor, nseg: int, table, nblocks: int, block: int) -> torch.Tensor:
+    if table is None:
+        return torch.zeros((nseg, 3), dtype=_acc_torch(a.dtype), device=a.device)
+    return _segment_sums(_segment_partials_kernel, (a, b, 0.0, 0.0, 0.0), a, table, nseg, nblocks, 3,
+                         KIND=_GRAM, BLOCK=block)
 
 
 def segment_gram(a: torch.Tensor, b: torch.Tensor, bounds: Sequence[int]) -> torch.Tensor:
     """Per segment, the triple (sum a^2, sum a*b, sum b^2): shape ``(segments, 3)``; fp32, fp64
     for fp64 buffers."""
     _check(a, b=b)
-    out = _acc_torch(a.dtype)
-    nseg, table, nblocks, block = _segments(a, bounds)
-    if table is None:
-        return torch.zeros((nseg, 3), dtype=out, device=a.device)
-    return _segment_sums(_segment_partials_kernel, (a, b, 0.0, 0.0, 0.0), a, table, nseg, nblocks, 3,
-                         out_dtype=out, KIND=_GRAM, BLOCK=block)
+    table, nblocks, block = _flat_table((a, b), bounds)
+    return _gram(a, b, max(len(bounds) - 1, 0), table, nblocks, block)
+
+
+def segment_gram_list(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``segment_gram`` with each pair of tensors one segment: shape ``(len(a), 3)``."""
+    a0 = _check_lists("a", a, b=b)
+    if a0 is None:
+        return _empty_sums(0, None, 3)
+    table, nblocks, block = _list_table((a, b))
+    return _gram(a0, b[0], len(a), table, nblocks, block)
 
 
 @triton.jit
@@ -306,12 +460,13 @@ def _axpby_kernel(y_ptr, x_ptr, alpha_ptr, beta_ptr, table_ptr, part_ptr, nseg, 
     """``y <- alpha[seg] * y + beta[seg] * x`` on this program's (segment, block), and its
     partial sum of squares of the stored (rounded) ``y``."""
     pid = tl.program_id(0)
-    seg = tl.load(table_ptr + 3 * nseg + 1 + pid)
-    first = tl.load(table_ptr + seg)
-    start = tl.load(table_ptr + nseg + 1 + seg)
-    end = tl.load(table_ptr + 2 * nseg + 1 + seg)
-    offs = start + (pid - first) * BLOCK + tl.arange(0, BLOCK)     # int64: start is int64
-    mask = offs < end
+    seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
+    n = tl.load(table_ptr + nseg + 1 + seg)
+    offs = (pid - tl.load(table_ptr + seg)) * BLOCK + tl.arange(0, BLOCK)     # int64: seg is int64
+    addr = table_ptr + 2 * nseg + 1 + nblocks + seg
+    y_ptr = tl.load(addr).to(y_ptr.dtype)
+    x_ptr = tl.load(addr + nseg).to(x_ptr.dtype)
+    mask = offs < n
     alpha = tl.load(alpha_ptr + seg).to(ACC)
     beta = tl.load(beta_ptr + seg).to(ACC)
     y = tl.load(y_ptr + offs, mask=mask, other=0).to(ACC)
@@ -320,6 +475,14 @@ def _axpby_kernel(y_ptr, x_ptr, alpha_ptr, beta_ptr, table_ptr, part_ptr, nseg, 
     tl.store(y_ptr + offs, y, mask=mask)
     y = y.to(ACC)
     tl.store(part_ptr + pid, tl.sum(tl.where(mask, y * y, 0.0), axis=0))
+
+
+def _axpby(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, nseg: int, table,
+           nblocks: int, block: int) -> torch.Tensor:
+    if table is None:
+        return torch.zeros(nseg, dtype=_acc_torch(y.dtype), device=y.device)
+    return _segment_sums(_axpby_kernel, (y, x, alpha.contiguous(), beta.contiguous()), y, table, nseg,
+                         nblocks, 1, BLOCK=block).view(nseg)
 
 
 def segment_axpby(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
@@ -331,16 +494,34 @@ def segment_axpby(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, beta: t
     Segments must not overlap."""
     _check(y, x=x)
     nseg = max(len(bounds) - 1, 0)
-    want = _acc_torch(y.dtype)
-    for name, t in (("alpha", alpha), ("beta", beta)):
-        if t.dtype != want or t.device != y.device or t.numel() != nseg:
-            raise ValueError(f"segment_axpby: {name} must be {nseg} {want} values on {y.device}, got "
-                             f"{t.numel()} {t.dtype} values on {t.device}")
-    nseg, table, nblocks, block = _segments(y, bounds)
-    if table is None:
-        return torch.zeros(nseg, dtype=want, device=y.device)
-    return _segment_sums(_axpby_kernel, (y, x, alpha.contiguous(), beta.contiguous()), y, table, nseg,
-                         nblocks, 1, out_dtype=want, BLOCK=block).view(nseg)
+    _check_coeffs(y, nseg, "segment_axpby", alpha=alpha, beta=beta)
+    table, nblocks, block = _flat_table((y, x), bounds)
+    return _axpby(y, x, alpha, beta, nseg, table, nblocks, block)
+
+
+def segment_axpby_list(ys: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], alpha: torch.Tensor,
+                       beta: torch.Tensor) -> torch.Tensor:
+    """``segment_axpby`` with each pair of tensors one segment (``alpha``, ``beta``: one value per
+    tensor, device tensors in the maths dtype). The tensors of ``ys`` must not overlap."""
+    y0 = _check_lists("ys", ys, xs=xs)
+    if y0 is None:
+        return _empty_sums(0, None)
+    _check_coeffs(y0, len(ys), "segment_axpby_list", alpha=alpha, beta=beta)
+    table, nblocks, block = _list_table((ys, xs))
+    return _axpby(y0, xs[0], alpha, beta, len(ys), table, nblocks, block)
+
+
+# --------------------------------------------------------------------------------------------
+# The element-wise ops below: one kernel each, for a flat buffer (LIST=False: one contiguous
+# range of ``n`` elements from the pointer arguments) or for lists (LIST=True: the pointer
+# arguments only give the element types; each program reads its tensor, the tensor's numel and
+# every operand's address from the table, and ``stat_start`` is ``stat_first``, a tensor
+# index). The maths after that prologue is the same code, so flat and list give the same bits.
+# --------------------------------------------------------------------------------------------
+
+def _stat_first(stat_first: int, nseg: int) -> int:
+    """The first tensor of the statistics (``lists.per_tensor``'s ``i >= stat_first``)."""
+    return min(max(int(stat_first), 0), nseg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,9 +530,22 @@ def segment_axpby(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, beta: t
 
 @triton.jit
 def _perturb_kernel(p_ptr, g_ptr, scale_ptr, backup_ptr, keep_ptr, n, eta_hi, eta_mid, eta_lo,
-                    ADAPTIVE: tl.constexpr, HAS_KEEP: tl.constexpr, ACC: tl.constexpr,
+                    table_ptr, nseg, nblocks,
+                    ADAPTIVE: tl.constexpr, HAS_KEEP: tl.constexpr, LIST: tl.constexpr, ACC: tl.constexpr,
                     BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0)
+    if LIST:
+        seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
+        n = tl.load(table_ptr + nseg + 1 + seg)
+        offs = (pid - tl.load(table_ptr + seg)) * BLOCK + tl.arange(0, BLOCK)
+        addr = table_ptr + 2 * nseg + 1 + nblocks + seg
+        p_ptr = tl.load(addr).to(p_ptr.dtype)
+        g_ptr = tl.load(addr + nseg).to(g_ptr.dtype)
+        backup_ptr = tl.load(addr + 2 * nseg).to(backup_ptr.dtype)
+        if HAS_KEEP:
+            keep_ptr = tl.load(addr + 3 * nseg).to(keep_ptr.dtype)
+    else:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p_raw = tl.load(p_ptr + offs, mask=mask, other=0)
     g_raw = tl.load(g_ptr + offs, mask=mask, other=0)
@@ -367,6 +561,16 @@ def _perturb_kernel(p_ptr, g_ptr, scale_ptr, backup_ptr, keep_ptr, n, eta_hi, et
     tl.store(p_ptr + offs, _rounded(w + step, p_ptr), mask=mask)
 
 
+def _perturb(p, g, scale, backup, keep, adaptive, eta, grid, n, table, nseg, nblocks, block) -> None:
+    """Launch: ``p``... the flat buffers, or the lists' first tensors (element types) with the
+    table (``table`` None: flat)."""
+    with _device_ctx(p):
+        _perturb_kernel[grid](p, g, scale, backup, backup if keep is None else keep, n,
+                              *_split(eta, p.dtype == torch.float64), p if table is None else table, nseg,
+                              nblocks, ADAPTIVE=bool(adaptive), HAS_KEEP=keep is not None, LIST=table is not None,
+                              ACC=_acc(p.dtype), BLOCK=block, **_LAUNCH)
+
+
 def perturb(param: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, backup: torch.Tensor,
             adaptive: bool, grad_keep: Optional[torch.Tensor] = None, eta: float = 0.0) -> None:
     """SAM/ASAM ascent (see ``reference.perturb``); ``scale`` (the maths dtype) is read on the
@@ -377,12 +581,23 @@ def perturb(param: torch.Tensor, grad: torch.Tensor, scale: torch.Tensor, backup
     if n == 0:
         return
     block = _block(n)
-    with _device_ctx(param):
-        _perturb_kernel[_grid(n, block)](param, grad, scale, backup,
-                                         backup if grad_keep is None else grad_keep, n,
-                                         *_split(eta, param.dtype == torch.float64),
-                                         ADAPTIVE=bool(adaptive), HAS_KEEP=grad_keep is not None,
-                                         ACC=_acc(param.dtype), BLOCK=block, **_LAUNCH)
+    _perturb(param, grad, scale, backup, grad_keep, adaptive, eta, _grid(n, block), n, None, 0, 0, block)
+
+
+def perturb_list(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], scale: torch.Tensor,
+                 backups: Sequence[torch.Tensor], adaptive: bool,
+                 grad_keeps: Optional[Sequence[torch.Tensor]] = None, eta: float = 0.0) -> None:
+    """``perturb`` on every tensor of the lists (one ``scale`` for all), one launch."""
+    p0 = _check_lists("params", params, ("grad_keeps",), grads=grads, backups=backups, grad_keeps=grad_keeps)
+    if p0 is None:
+        return
+    check_scale(scale, p0)
+    keeps = backups if grad_keeps is None else grad_keeps
+    table, nblocks, block = _list_table((params, grads, backups, keeps))
+    if table is None:
+        return
+    _perturb(p0, grads[0], scale, backups[0], None if grad_keeps is None else keeps[0], adaptive, eta,
+             (nblocks,), 0, table, len(params), nblocks, block)
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,10 +619,22 @@ def _psf_and_stats(offs, mask, g_sam, psf_ptr, stat_start, ACC: tl.constexpr):
 
 
 @triton.jit
-def _restore_kernel(p_ptr, backup_ptr, gs_ptr, psf_ptr, part_ptr, n, stat_start,
-                    HAS_PSF: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _restore_kernel(p_ptr, backup_ptr, gs_ptr, psf_ptr, part_ptr, n, stat_start, table_ptr, nseg, nblocks,
+                    HAS_PSF: tl.constexpr, LIST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if LIST:
+        seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
+        n = tl.load(table_ptr + nseg + 1 + seg)
+        offs = (pid - tl.load(table_ptr + seg)) * BLOCK + tl.arange(0, BLOCK)
+        addr = table_ptr + 2 * nseg + 1 + nblocks + seg
+        p_ptr = tl.load(addr).to(p_ptr.dtype)
+        backup_ptr = tl.load(addr + nseg).to(backup_ptr.dtype)
+        if HAS_PSF:
+            gs_ptr = tl.load(addr + 2 * nseg).to(gs_ptr.dtype)
+            psf_ptr = tl.load(addr + 3 * nseg).to(psf_ptr.dtype)
+        stat_start = tl.where(seg >= stat_start, 0, n)     # stat_first: all of the tensor or none
+    else:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     tl.store(p_ptr + offs, tl.load(backup_ptr + offs, mask=mask, other=0), mask=mask)
     if HAS_PSF:
@@ -417,12 +644,21 @@ def _restore_kernel(p_ptr, backup_ptr, gs_ptr, psf_ptr, part_ptr, n, stat_start,
         tl.store(part_ptr + tl.num_programs(0) + pid, s_psf)
 
 
-def _stats_scratch(n: int, block: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.empty((2, triton.cdiv(n, block)), dtype=_acc_torch(dtype), device=device)
+def _stats_scratch(programs: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.empty((2, programs), dtype=_acc_torch(dtype), device=device)
 
 
 def _reduce_stats(partials: torch.Tensor) -> torch.Tensor:
     return partials.sum(dim=1)       # fixed-order device reduction, no sync; in the maths dtype
+
+
+def _restore(p, backup, gs, psf, stat_start, grid, n, table, nseg, nblocks, block) -> Optional[torch.Tensor]:
+    partials = _stats_scratch(grid[0], p.dtype, p.device) if psf is not None else p
+    with _device_ctx(p):
+        _restore_kernel[grid](p, backup, gs, p if psf is None else psf, partials, n, stat_start,
+                              p if table is None else table, nseg, nblocks, HAS_PSF=psf is not None,
+                              LIST=table is not None, ACC=_acc(p.dtype), BLOCK=block, **_LAUNCH)
+    return None if psf is None else _reduce_stats(partials)
 
 
 def restore_psf_stats(param: torch.Tensor, backup: torch.Tensor, grad_sam: torch.Tensor,
@@ -432,14 +668,25 @@ def restore_psf_stats(param: torch.Tensor, backup: torch.Tensor, grad_sam: torch
     _check(param, backup=backup, grad_sam=grad_sam, psf=psf)
     n = param.numel()
     if n == 0:
-        return None if psf is None else torch.zeros(2, dtype=_acc_torch(param.dtype), device=param.device)
+        return None if psf is None else _empty_sums(2, param)
     block = _block(n)
-    partials = _stats_scratch(n, block, param.dtype, param.device) if psf is not None else param
-    with _device_ctx(param):
-        _restore_kernel[_grid(n, block)](param, backup, grad_sam, param if psf is None else psf, partials,
-                                         n, _stat_start(stat_start, n), HAS_PSF=psf is not None,
-                                         ACC=_acc(param.dtype), BLOCK=block, **_LAUNCH)
-    return None if psf is None else _reduce_stats(partials)
+    return _restore(param, backup, grad_sam, psf, _stat_start(stat_start, n), _grid(n, block), n, None, 0, 0,
+                    block)
+
+
+def restore_psf_stats_list(params: Sequence[torch.Tensor], backups: Sequence[torch.Tensor],
+                           grad_sams: Sequence[torch.Tensor], psfs: Optional[Sequence[torch.Tensor]],
+                           stat_first: int) -> Optional[torch.Tensor]:
+    """``restore_psf_stats`` on every tensor of the lists, one launch; the statistics pair is over
+    the tensors of index >= ``stat_first``."""
+    p0 = _check_lists("params", params, ("psfs",), backups=backups, grad_sams=grad_sams, psfs=psfs)
+    if p0 is None:
+        return None if psfs is None else _empty_sums(2, None)
+    table, nblocks, block = _list_table((params, backups, grad_sams, params if psfs is None else psfs))
+    if table is None:
+        return None if psfs is None else _empty_sums(2, p0)
+    return _restore(p0, backups[0], grad_sams[0], None if psfs is None else psfs[0],
+                    _stat_first(stat_first, len(params)), (nblocks,), 0, table, len(params), nblocks, block)
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,14 +694,29 @@ def restore_psf_stats(param: torch.Tensor, backup: torch.Tensor, grad_sam: torch
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _reuse_kernel(g_ptr, psf_ptr, n, coeff_hi, coeff_mid, coeff_lo,
-                  ACC: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _reuse_kernel(g_ptr, psf_ptr, n, coeff_hi, coeff_mid, coeff_lo, table_ptr, nseg, nblocks,
+                  LIST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    if LIST:
+        seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
+        n = tl.load(table_ptr + nseg + 1 + seg)
+        offs = (pid - tl.load(table_ptr + seg)) * BLOCK + tl.arange(0, BLOCK)
+        addr = table_ptr + 2 * nseg + 1 + nblocks + seg
+        g_ptr = tl.load(addr).to(g_ptr.dtype)
+        psf_ptr = tl.load(addr + nseg).to(psf_ptr.dtype)
+    else:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     coeff = tl.cast(coeff_hi, ACC) + tl.cast(coeff_mid, ACC) + tl.cast(coeff_lo, ACC)
     g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
     psf = tl.load(psf_ptr + offs, mask=mask, other=0).to(ACC)
     tl.store(g_ptr + offs, _rounded(g + coeff * psf, g_ptr), mask=mask)
+
+
+def _reuse(g, psf, coeff, grid, n, table, nseg, nblocks, block) -> None:
+    with _device_ctx(g):
+        _reuse_kernel[grid](g, psf, n, *_split(coeff, g.dtype == torch.float64), g if table is None else table,
+                            nseg, nblocks, LIST=table is not None, ACC=_acc(g.dtype), BLOCK=block, **_LAUNCH)
 
 
 def reuse(grad: torch.Tensor, psf: torch.Tensor, coeff: float) -> None:
@@ -464,9 +726,17 @@ def reuse(grad: torch.Tensor, psf: torch.Tensor, coeff: float) -> None:
     if n == 0:
         return
     block = _block(n)
-    with _device_ctx(grad):
-        _reuse_kernel[_grid(n, block)](grad, psf, n, *_split(coeff, grad.dtype == torch.float64),
-                                       ACC=_acc(grad.dtype), BLOCK=block, **_LAUNCH)
+    _reuse(grad, psf, coeff, _grid(n, block), n, None, 0, 0, block)
+
+
+def reuse_list(grads: Sequence[torch.Tensor], psfs: Sequence[torch.Tensor], coeff: float) -> None:
+    """``reuse`` on every tensor of the lists, one launch."""
+    g0 = _check_lists("grads", grads, psfs=psfs)
+    if g0 is None:
+        return
+    table, nblocks, block = _list_table((grads, psfs))
+    if table is not None:
+        _reuse(g0, psfs[0], coeff, (nblocks,), 0, table, len(grads), nblocks, block)
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,17 +782,32 @@ def _final_grad(offs, mask, p_ptr, g_ptr, psf_ptr, backup_ptr, coeff, stat_start
 @triton.jit
 def _sgd_kernel(p_ptr, g_ptr, buf_ptr, psf_ptr, backup_ptr, part_ptr, n, stat_start,
                 coeff_hi, coeff_mid, coeff_lo, lr_hi, lr_mid, lr_lo, wd_hi, wd_mid, wd_lo,
-                mom_hi, mom_mid, mom_lo, damp_hi, damp_mid, damp_lo,
+                mom_hi, mom_mid, mom_lo, damp_hi, damp_mid, damp_lo, table_ptr, nseg, nblocks,
                 MODE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
                 NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, FIRST: tl.constexpr,
-                ACC: tl.constexpr, BLOCK: tl.constexpr):
+                LIST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     coeff = tl.cast(coeff_hi, ACC) + tl.cast(coeff_mid, ACC) + tl.cast(coeff_lo, ACC)
     lr = tl.cast(lr_hi, ACC) + tl.cast(lr_mid, ACC) + tl.cast(lr_lo, ACC)
     weight_decay = tl.cast(wd_hi, ACC) + tl.cast(wd_mid, ACC) + tl.cast(wd_lo, ACC)
     momentum = tl.cast(mom_hi, ACC) + tl.cast(mom_mid, ACC) + tl.cast(mom_lo, ACC)
     one_minus_dampening = tl.cast(damp_hi, ACC) + tl.cast(damp_mid, ACC) + tl.cast(damp_lo, ACC)
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if LIST:
+        seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
+        n = tl.load(table_ptr + nseg + 1 + seg)
+        offs = (pid - tl.load(table_ptr + seg)) * BLOCK + tl.arange(0, BLOCK)
+        addr = table_ptr + 2 * nseg + 1 + nblocks + seg
+        p_ptr = tl.load(addr).to(p_ptr.dtype)
+        g_ptr = tl.load(addr + nseg).to(g_ptr.dtype)
+        if MOMENTUM:
+            buf_ptr = tl.load(addr + 2 * nseg).to(buf_ptr.dtype)
+        if MODE == 1 or MODE == 3:                             # _REUSE, _RESTORE_PSF
+            psf_ptr = tl.load(addr + 3 * nseg).to(psf_ptr.dtype)
+        if MODE >= 2:
+            backup_ptr = tl.load(addr + 4 * nseg).to(backup_ptr.dtype)
+        stat_start = tl.where(seg >= stat_start, 0, n)     # stat_first: all of the tensor or none
+    else:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     w, d, s_g, s_psf = _final_grad(offs, mask, p_ptr, g_ptr, psf_ptr, backup_ptr, coeff, stat_start,
                                    MODE, MAXIMIZE, ACC)
@@ -544,6 +829,23 @@ def _sgd_kernel(p_ptr, g_ptr, buf_ptr, psf_ptr, backup_ptr, part_ptr, n, stat_st
     tl.store(p_ptr + offs, _rounded(w - lr * d, p_ptr), mask=mask)
 
 
+def _sgd(p, g, buf, psf, backup, coeff, stat_start, lr, weight_decay, momentum, dampening, nesterov, maximize,
+         first, mode, grid, n, table, nseg, nblocks, block) -> Optional[torch.Tensor]:
+    """One launch of the SGD kernel (``table`` None: flat buffers; else the lists' first tensors,
+    ``stat_start`` then being ``stat_first``); the statistics in _RESTORE_PSF mode."""
+    partials = _stats_scratch(grid[0], p.dtype, p.device) if mode == _RESTORE_PSF else p
+    wide = p.dtype == torch.float64
+    with _device_ctx(p):
+        _sgd_kernel[grid](
+            p, g, p if buf is None else buf, p if psf is None else psf, p if backup is None else backup, partials,
+            n, stat_start, *_split(coeff, wide), *_split(lr, wide), *_split(weight_decay, wide),
+            *_split(momentum, wide), *_split(1.0 - float(dampening), wide), p if table is None else table, nseg,
+            nblocks, MODE=mode, WEIGHT_DECAY=weight_decay != 0.0, MOMENTUM=buf is not None,
+            NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), FIRST=bool(first), LIST=table is not None,
+            ACC=_acc(p.dtype), BLOCK=block, **_LAUNCH)
+    return _reduce_stats(partials) if mode == _RESTORE_PSF else None
+
+
 def sgd_step(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: Optional[torch.Tensor],
              psf: Optional[torch.Tensor], backup: Optional[torch.Tensor], coeff: float, stat_start: int,
              lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
@@ -554,25 +856,42 @@ def sgd_step(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: Optional[
     has_momentum = momentum != 0.0
     if has_momentum and momentum_buffer is None:
         raise ValueError("sgd_step: momentum != 0 needs a momentum_buffer")
-    _check(param, grad=grad, momentum_buffer=momentum_buffer if has_momentum else None, psf=psf,
-           backup=backup)
+    buf = momentum_buffer if has_momentum else None
+    _check(param, grad=grad, momentum_buffer=buf, psf=psf, backup=backup)
     mode = _mode(psf, backup, coeff)
     n = param.numel()
     if n == 0:
-        return torch.zeros(2, dtype=_acc_torch(param.dtype), device=param.device) if mode == _RESTORE_PSF else None
+        return _empty_sums(2, param) if mode == _RESTORE_PSF else None
     block = _block(n)
-    partials = _stats_scratch(n, block, param.dtype, param.device) if mode == _RESTORE_PSF else param
-    wide = param.dtype == torch.float64
-    with _device_ctx(param):
-        _sgd_kernel[_grid(n, block)](
-            param, grad, momentum_buffer if has_momentum else param, param if psf is None else psf,
-            param if backup is None else backup, partials, n, _stat_start(stat_start, n),
-            *_split(coeff, wide), *_split(lr, wide), *_split(weight_decay, wide), *_split(momentum, wide),
-            *_split(1.0 - float(dampening), wide),
-            MODE=mode, WEIGHT_DECAY=weight_decay != 0.0, MOMENTUM=has_momentum, NESTEROV=bool(nesterov),
-            MAXIMIZE=bool(maximize), FIRST=bool(first), ACC=_acc(param.dtype), BLOCK=block,
-            **_LAUNCH)
-    return _reduce_stats(partials) if mode == _RESTORE_PSF else None
+    return _sgd(param, grad, buf, psf, backup, coeff, _stat_start(stat_start, n), lr, weight_decay, momentum,
+                dampening, nesterov, maximize, first, mode, _grid(n, block), n, None, 0, 0, block)
+
+
+def sgd_step_list(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                  momentum_buffers: Optional[Sequence[torch.Tensor]], psfs: Optional[Sequence[torch.Tensor]],
+                  backups: Optional[Sequence[torch.Tensor]], coeff: float, stat_first: int, lr: float,
+                  weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
+                  first: bool) -> Optional[torch.Tensor]:
+    """``sgd_step`` on every tensor of the lists, one launch; the statistics pair (restore mode
+    with ``psfs``) is over the tensors of index >= ``stat_first``."""
+    coeff, momentum = float(coeff), float(momentum)
+    has_momentum = momentum != 0.0
+    if has_momentum and momentum_buffers is None:
+        raise ValueError("sgd_step_list: momentum != 0 needs momentum_buffers")
+    bufs = momentum_buffers if has_momentum else None
+    p0 = _check_lists("params", params, ("momentum_buffers", "psfs", "backups"), grads=grads,
+                      momentum_buffers=bufs, psfs=psfs, backups=backups)
+    mode = _mode(psfs, backups, coeff)
+    if p0 is None:
+        return _empty_sums(2, None) if mode == _RESTORE_PSF else None
+    operands = [params, grads] + [params if t is None else t for t in (bufs, psfs, backups)]
+    table, nblocks, block = _list_table(operands)
+    if table is None:
+        return _empty_sums(2, p0) if mode == _RESTORE_PSF else None
+    first_of = lambda ts: None if ts is None else ts[0]     # noqa: E731
+    return _sgd(p0, grads[0], first_of(bufs), first_of(psfs), first_of(backups), coeff,
+                _stat_first(stat_first, len(params)), lr, weight_decay, momentum, dampening, nesterov, maximize,
+                first, mode, (nblocks,), 0, table, len(params), nblocks, block)
 
 
 @triton.jit
@@ -580,8 +899,9 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, psf_ptr, backup_ptr, part_ptr, n, 
                   coeff_hi, coeff_mid, coeff_lo, decay_hi, decay_mid, decay_lo, b1c_hi, b1c_mid, b1c_lo,
                   beta2_hi, beta2_mid, beta2_lo, b2c_hi, b2c_mid, b2c_lo,
                   step_size_hi, step_size_mid, step_size_lo, bc2_sqrt_hi, bc2_sqrt_mid, bc2_sqrt_lo,
-                  eps_hi, eps_mid, eps_lo,
-                  MODE: tl.constexpr, MAXIMIZE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                  eps_hi, eps_mid, eps_lo, table_ptr, nseg, nblocks,
+                  MODE: tl.constexpr, MAXIMIZE: tl.constexpr, LIST: tl.constexpr, ACC: tl.constexpr,
+                  BLOCK: tl.constexpr):
     coeff = tl.cast(coeff_hi, ACC) + tl.cast(coeff_mid, ACC) + tl.cast(coeff_lo, ACC)
     decay = tl.cast(decay_hi, ACC) + tl.cast(decay_mid, ACC) + tl.cast(decay_lo, ACC)     # 1 - lr * wd
     one_minus_beta1 = tl.cast(b1c_hi, ACC) + tl.cast(b1c_mid, ACC) + tl.cast(b1c_lo, ACC)
@@ -591,7 +911,22 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, psf_ptr, backup_ptr, part_ptr, n, 
     bc2_sqrt = tl.cast(bc2_sqrt_hi, ACC) + tl.cast(bc2_sqrt_mid, ACC) + tl.cast(bc2_sqrt_lo, ACC)
     eps = tl.cast(eps_hi, ACC) + tl.cast(eps_mid, ACC) + tl.cast(eps_lo, ACC)
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if LIST:
+        seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
+        n = tl.load(table_ptr + nseg + 1 + seg)
+        offs = (pid - tl.load(table_ptr + seg)) * BLOCK + tl.arange(0, BLOCK)
+        addr = table_ptr + 2 * nseg + 1 + nblocks + seg
+        p_ptr = tl.load(addr).to(p_ptr.dtype)
+        g_ptr = tl.load(addr + nseg).to(g_ptr.dtype)
+        m_ptr = tl.load(addr + 2 * nseg).to(m_ptr.dtype)
+        v_ptr = tl.load(addr + 3 * nseg).to(v_ptr.dtype)
+        if MODE == 1 or MODE == 3:                             # _REUSE, _RESTORE_PSF
+            psf_ptr = tl.load(addr + 4 * nseg).to(psf_ptr.dtype)
+        if MODE >= 2:
+            backup_ptr = tl.load(addr + 5 * nseg).to(backup_ptr.dtype)
+        stat_start = tl.where(seg >= stat_start, 0, n)     # stat_first: all of the tensor or none
+    else:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     w, d, s_g, s_psf = _final_grad(offs, mask, p_ptr, g_ptr, psf_ptr, backup_ptr, coeff, stat_start,
                                    MODE, MAXIMIZE, ACC)
@@ -609,30 +944,61 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, psf_ptr, backup_ptr, part_ptr, n, 
     tl.store(p_ptr + offs, _rounded(w - _div_rn(step_size * m, denom), p_ptr), mask=mask)
 
 
+def _adamw(p, g, m, v, psf, backup, coeff, stat_start, lr, beta1, beta2, eps, weight_decay, step, maximize,
+           mode, grid, n, table, nseg, nblocks, block) -> Optional[torch.Tensor]:
+    """One launch of the AdamW kernel (``table`` None: flat buffers; else the lists' first
+    tensors, ``stat_start`` then being ``stat_first``); the statistics in _RESTORE_PSF mode."""
+    lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
+    # every scalar on the host, in Python floats, as the reference computes them
+    decay = 1.0 - lr * float(weight_decay)
+    step_size = lr / (1.0 - beta1 ** step)
+    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    partials = _stats_scratch(grid[0], p.dtype, p.device) if mode == _RESTORE_PSF else p
+    wide = p.dtype == torch.float64
+    with _device_ctx(p):
+        _adamw_kernel[grid](
+            p, g, m, v, p if psf is None else psf, p if backup is None else backup, partials, n, stat_start,
+            *_split(coeff, wide), *_split(decay, wide), *_split(1.0 - beta1, wide), *_split(beta2, wide),
+            *_split(1.0 - beta2, wide), *_split(step_size, wide), *_split(bc2_sqrt, wide), *_split(eps, wide),
+            p if table is None else table, nseg, nblocks,
+            MODE=mode, MAXIMIZE=bool(maximize), LIST=table is not None, ACC=_acc(p.dtype), BLOCK=block, **_LAUNCH)
+    return _reduce_stats(partials) if mode == _RESTORE_PSF else None
+
+
 def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                psf: Optional[torch.Tensor], backup: Optional[torch.Tensor], coeff: float, stat_start: int,
                lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
                maximize: bool) -> Optional[torch.Tensor]:
     """torch.optim.AdamW's step (no amsgrad) fused with the restore or the reuse, one pass (see
     ``reference.adamw_step``); ``step`` counts this step (1 on the first)."""
-    coeff, lr, beta1, beta2 = float(coeff), float(lr), float(beta1), float(beta2)
+    coeff = float(coeff)
     _check(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, psf=psf, backup=backup)
     mode = _mode(psf, backup, coeff)
     n = param.numel()
     if n == 0:
-        return torch.zeros(2, dtype=_acc_torch(param.dtype), device=param.device) if mode == _RESTORE_PSF else None
+        return _empty_sums(2, param) if mode == _RESTORE_PSF else None
     block = _block(n)
-    # every scalar on the host, in Python floats, as the reference computes them
-    decay = 1.0 - lr * float(weight_decay)
-    step_size = lr / (1.0 - beta1 ** step)
-    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
-    partials = _stats_scratch(n, block, param.dtype, param.device) if mode == _RESTORE_PSF else param
-    wide = param.dtype == torch.float64
-    with _device_ctx(param):
-        _adamw_kernel[_grid(n, block)](
-            param, grad, exp_avg, exp_avg_sq, param if psf is None else psf,
-            param if backup is None else backup, partials, n, _stat_start(stat_start, n),
-            *_split(coeff, wide), *_split(decay, wide), *_split(1.0 - beta1, wide), *_split(beta2, wide),
-            *_split(1.0 - beta2, wide), *_split(step_size, wide), *_split(bc2_sqrt, wide), *_split(eps, wide),
-            MODE=mode, MAXIMIZE=bool(maximize), ACC=_acc(param.dtype), BLOCK=block, **_LAUNCH)
-    return _reduce_stats(partials) if mode == _RESTORE_PSF else None
+    return _adamw(param, grad, exp_avg, exp_avg_sq, psf, backup, coeff, _stat_start(stat_start, n), lr, beta1,
+                  beta2, eps, weight_decay, step, maximize, mode, _grid(n, block), n, None, 0, 0, block)
+
+
+def adamw_step_list(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                    exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                    psfs: Optional[Sequence[torch.Tensor]], backups: Optional[Sequence[torch.Tensor]],
+                    coeff: float, stat_first: int, lr: float, beta1: float, beta2: float, eps: float,
+                    weight_decay: float, step: int, maximize: bool) -> Optional[torch.Tensor]:
+    """``adamw_step`` on every tensor of the lists, one launch; the statistics pair (restore mode
+    with ``psfs``) is over the tensors of index >= ``stat_first``."""
+    coeff = float(coeff)
+    p0 = _check_lists("params", params, ("psfs", "backups"), grads=grads, exp_avgs=exp_avgs,
+                      exp_avg_sqs=exp_avg_sqs, psfs=psfs, backups=backups)
+    mode = _mode(psfs, backups, coeff)
+    if p0 is None:
+        return _empty_sums(2, None) if mode == _RESTORE_PSF else None
+    operands = [params, grads, exp_avgs, exp_avg_sqs] + [params if t is None else t for t in (psfs, backups)]
+    table, nblocks, block = _list_table(operands)
+    if table is None:
+        return _empty_sums(2, p0) if mode == _RESTORE_PSF else None
+    return _adamw(p0, grads[0], exp_avgs[0], exp_avg_sqs[0], None if psfs is None else psfs[0],
+                  None if backups is None else backups[0], coeff, _stat_first(stat_first, len(params)), lr, beta1,
+                  beta2, eps, weight_decay, step, maximize, mode, (nblocks,), 0, table, len(params), nblocks, block)
