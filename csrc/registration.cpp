@@ -17,8 +17,9 @@
 // contiguous (any shape) with as many elements as the first list's tensor of the same index;
 // `scale` one value, `alpha`/`beta` one value per tensor, in the maths dtype. An empty list does
 // nothing and returns what the flat op does for an empty buffer: zeros(0) (segment ops), the
-// statistics (0, 0) in fp32 when asked for (restore with psf), else none. CPU kernels only (cpu_ops.cpp):
-// the CUDA build registers none, so Python (vsam_ext/ops/lists.py) loops per tensor there.
+// statistics (0, 0) in fp32 when asked for (restore with psf), else none. Kernels: cpu_ops.cpp,
+// and cuda_ops.cu in a CUDA build; other backends get them from vsam_ext/ops/lists.py, which
+// loops over the tensors with the flat ops.
 // torch's dispatcher needs a tensor to choose a kernel: an op all of whose tensor arguments are
 // empty lists is answered by the Python wrappers (vsam_ext/ops/extension.py).
 #include <torch/library.h>

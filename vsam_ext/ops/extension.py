@@ -5,8 +5,9 @@ CUDA kernel from the tensors' device. These wrappers give them the reference's s
 
 The ``*_list`` functions are the same ops over lists of tensors (any shapes, contiguous, one
 dtype), in place, in one call: the flat op applied to each tensor viewed as 1-D; each tensor is
-one segment; the statistics are over the tensors of index >= ``stat_first``. CPU tensors only
-(no CUDA kernels: ``vsam_ext.ops.lists`` loops per tensor on the other backends). Empty lists
+one segment; the statistics are over the tensors of index >= ``stat_first``. Kernels for CPU
+tensors, and for CUDA tensors in a CUDA build (``vsam_ext.ops.lists`` checks which are there and
+loops per tensor otherwise). Empty lists
 are allowed and give what the flat op gives for an empty buffer: zeros(0) from the segment ops,
 the statistics (0, 0) (fp32) when the call asks for them, else None.
 """
