@@ -21,6 +21,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "benchmarks")
 HAVE_MPL = importlib.util.find_spec("matplotlib") is not None
+_HAVE_CPU_EXT = importlib.util.find_spec("vsam_ext._C") is not None
 TIMEOUT_S = 420                    # four runs at once on a 2-core machine that may be busy
 
 pytestmark = pytest.mark.skipif(os.environ.get("VSAM_EXT_SKIP_BENCH_TESTS") == "1",
@@ -122,6 +123,24 @@ def test_bench_train_fixed_batch_quick(runs):
     assert "no data loading" in md
     # the loader mode's outputs keep their names
     assert not os.path.exists(os.path.join(runs["bench_train_fixed"][2], "bench_train_cpu.csv"))
+
+
+@pytest.mark.skipif(not _HAVE_CPU_EXT, reason="cpu extension not built")
+def test_bench_lists_quick(tmp_path):
+    """bench_lists.py --quick (resnet18's first 24 tensors, one round) on two ops: its CSV and
+    markdown, the list/flat ratio column; timings not checked."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "bench_lists.py"), "--quick", "--threads", "1",
+                          "--ops", "segment_sumsq,sgd+reuse", "--out", str(tmp_path)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = _read_csv(os.path.join(tmp_path, "bench_lists_cpu.csv"))
+    assert {r["op"] for r in rows} == {"segment_sumsq", "sgd+reuse"} and all(r["tensors"] == "24" for r in rows)
+    for r in rows:
+        assert float(r["flat_ms"]) > 0 and float(r["list_ms"]) > 0 and float(r["list_vs_flat"]) > 0
+    md = open(os.path.join(tmp_path, "bench_lists_cpu.md")).read()
+    assert "## Tensor lists vs flat buffers (CPU)" in md and "list/flat" in md and "command:" in md
 
 
 def test_bench_train_fixed_batch_is_documented():
