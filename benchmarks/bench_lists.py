@@ -252,8 +252,8 @@ def main(argv=None) -> int:
         print(f"# {model} ...", file=sys.stderr, flush=True)
         rows += measure(model, ops, impls, rounds, timer, E, first)
     body = report(rows, impls)
-    title = "## Tensor lists vs flat buffers (CPU)" \
-        + (" (--quick smoke run: not a measurement)" if args.quick else "") + (f" — {args.label}" if args.label else "")
+    title = "## Tensor lists vs flat buffers (CPU)" + (" (--quick smoke run: not a measurement)" if args.quick else "")
+    title += f" — {args.label}" if args.label else ""
     md = f"{title}\n\n{C.env_block(env)}\n\n{body}\n"
     print(md)
     base = os.path.join(args.out, "bench_lists_cpu")
