@@ -119,7 +119,7 @@ def test_fsdp1_flat_parameter_is_refused_clearly():
     class FlatParameter(torch.nn.Parameter):       # stands in for FSDP1's (same class name)
         pass
     p = FlatParameter(torch.zeros(4))
-    with pytest.raises(TypeError, match="FSDP1 FlatParameter .* use FSDP2"):
+    with pytest.raises(TypeError, match="FSDP1 parameter .* use FSDP2"):
         vx.SAM([p], torch.optim.SGD, lr=0.1)
     assert torch.equal(p, torch.zeros(4)) and p.grad is None
 

@@ -199,21 +199,7 @@ REFUSALS = {
     "fsdp1-orig-params-False": r"FSDP1.*fully_shard",
     "fsdp1-orig-params-True": r"FSDP1.*fully_shard",
 }
-# Library bugs found by these tests (reproductions in the report of the FSDP2 tests).
-_FSDP1_BUG = ("FSDP1's parameters are accepted: a FlatParameter is a plain nn.Parameter marked _is_flat_param "
-              "(type name 'Parameter'), and with use_orig_params=True each parameter is a view marked "
-              "_fsdp_flattened; check_param_kind looks for the class name 'FlatParameter'")
-KNOWN_BUGS = {
-    "mixed-plain-first": "a plain tensor before the DTensors: FlatParams builds a FlatBuffer over the bucket before "
-                         "ShardGroup.of refuses the mix: RuntimeError from aten.copy_ (mixed Tensor and DTensor), "
-                         "and the plain parameter was already moved into a flat buffer",
-    "fsdp1-orig-params-False": _FSDP1_BUG,
-    "fsdp1-orig-params-True": _FSDP1_BUG,
-}
-
-
-@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[k]))
-                                  if k in KNOWN_BUGS else k for k in REFUSALS])
+@pytest.mark.parametrize("kind", list(REFUSALS))
 def test_refused_parameter_kinds(ranks, kind):
     """A clear TypeError naming the kind and the alternative; the parameters keep their storage
     and values. (FSDP1 constructs on the CPU with gloo, so it is tried for real, with and without

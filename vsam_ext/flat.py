@@ -152,6 +152,8 @@ class FlatParams:
         # A gradient counts as received only if it existed before the flat buffer took over:
         # the buffer gives every parameter a (zero) .grad view, which is not a gradient.
         had_grad = {id(p): p.grad is not None for p in params}
+        # Before anything moves: one mesh for every DTensor, no plain tensor beside them.
+        ShardGroup.of(self.managed + [p for p in params if p.requires_grad and id(p) not in self._ids])
         buckets: Dict[tuple, List[torch.Tensor]] = {}
         for p in params:
             if not p.requires_grad or id(p) in self._ids:

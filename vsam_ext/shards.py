@@ -31,11 +31,13 @@ def is_dtensor(p: torch.Tensor) -> bool:
 def check_param_kind(p: torch.Tensor) -> None:
     """Refuse the parameter kinds whose storage another framework owns in a way we cannot
     follow, naming the supported alternative."""
-    kind = type(p).__name__
-    if kind == "FlatParameter":
-        raise TypeError("params: an FSDP1 FlatParameter (FullyShardedDataParallel) is not supported: its flat "
-                        "storage mixes the shards of many tensors; use FSDP2 "
-                        "(torch.distributed.fsdp.fully_shard), or DistributedDataParallel")
+    # FSDP1 marks its FlatParameter (_is_flat_param; a plain nn.Parameter in torch 2.13) and,
+    # with use_orig_params=True, every original parameter (_fsdp_flattened: a view into it).
+    if type(p).__name__ == "FlatParameter" or getattr(p, "_is_flat_param", False) \
+            or getattr(p, "_fsdp_flattened", False):
+        raise TypeError("params: an FSDP1 parameter (FullyShardedDataParallel's FlatParameter, or a view into one "
+                        "with use_orig_params=True) is not supported: its flat storage mixes the shards of many "
+                        "tensors; use FSDP2 (torch.distributed.fsdp.fully_shard), or DistributedDataParallel")
     if hasattr(p, "ds_id") or hasattr(p, "ds_tensor"):
         raise TypeError("params: a DeepSpeed ZeRO partitioned parameter is not supported (DeepSpeed owns its "
                         "partitions and its own optimizer step); use FSDP2 (torch.distributed.fsdp.fully_shard) "
@@ -70,6 +72,8 @@ class ShardGroup:
         sharded = [p for p in params if is_dtensor(p)]
         if not sharded:
             return None
+        for p in sharded:
+            check_param_kind(p)
         if len(sharded) != len(params):
             raise TypeError(f"params: {len(params) - len(sharded)} plain tensor(s) beside {len(sharded)} DTensor "
                             f"parameter(s); with FSDP2 apply fully_shard to the root module too, so every "

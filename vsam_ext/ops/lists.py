@@ -193,7 +193,8 @@ class Dispatch:
         ranges = _tensor_ranges(bounds, sizes)
         counts = torch.tensor([len(r) for r in ranges], device=alpha.device)
         per = self._list_backend(ref).segment_axpby_list(
-            _split(y, sizes), _split(x, sizes), alpha.repeat_interleave(counts), beta.repeat_interleave(counts))
+            _split(y, sizes), _split(x, sizes), alpha.repeat_interleave(counts, output_size=len(sizes)),
+            beta.repeat_interleave(counts, output_size=len(sizes)))   # output_size: no host sync on CUDA
         return self._by_range(per, bounds, sizes)
 
     def perturb(self, param, grad, scale, backup, adaptive, grad_keep=None, eta: float = 0.0):
