@@ -356,8 +356,10 @@ class TwoPassOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"adaptive of param group {b.group_index} changed after the optimizer was built; "
                                  f"it decides the buffer layout, so build a new optimizer")
             weight = b.param if scaled and b.scaled else None
-            # Per tensor, then added: the same sums, in the same order, as over tensor lists.
-            sums.append(self._ops.segment_sumsq(b.grad, b.bounds(), weight, group["eta"]).sum().reshape(1))
+            # Per tensor, then added: the same sums, in the same order, as over tensor lists;
+            # empty tensors are no segment of their own, so they change no rounding.
+            bounds = list(dict.fromkeys(b.bounds()))
+            sums.append(self._ops.segment_sumsq(b.grad, bounds, weight, group["eta"]).sum().reshape(1))
         return self._global(torch.cat(on_one_device(sums, home)).sum())
 
     def _global(self, local: torch.Tensor) -> torch.Tensor:
