@@ -152,7 +152,9 @@ class ShardBuffer:
 
     def moved(self) -> bool:
         """Whether FSDP gave a parameter a new local tensor (e.g. ``model.to()``)."""
-        return any(_local(p).data_ptr() != ptr for p, ptr in zip(self.params, self.data_ptrs))
+        # Every step: the pointers alone (a DTensor's local tensor, without a view per call).
+        return any((p._local_tensor if is_dtensor(p) else p).data_ptr() != ptr
+                   for p, ptr in zip(self.params, self.data_ptrs))
 
     def as_dtensors(self, flat: torch.Tensor) -> list:
         """A flat buffer of ours as one DTensor per parameter (views: loading into them writes
