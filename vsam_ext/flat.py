@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .shards import ShardBuffer, ShardGroup, check_param_kind, is_dtensor
+from .shards import ShardBuffer, ShardGroup, is_dtensor
 
 __all__ = ["FlatBuffer", "FlatParams", "segment_view", "own_storage"]
 
@@ -152,8 +152,10 @@ class FlatParams:
         # A gradient counts as received only if it existed before the flat buffer took over:
         # the buffer gives every parameter a (zero) .grad view, which is not a gradient.
         had_grad = {id(p): p.grad is not None for p in params}
-        # Before anything moves: one mesh for every DTensor, no plain tensor beside them.
-        ShardGroup.of(self.managed + [p for p in params if p.requires_grad and id(p) not in self._ids])
+        # Before anything moves: every parameter of a kind we handle, one mesh for every DTensor,
+        # no plain tensor beside them.
+        new = [p for p in params if p.requires_grad and id(p) not in self._ids]
+        self.shard_group = ShardGroup.of(self.managed + new)
         buckets: Dict[tuple, List[torch.Tensor]] = {}
         for p in params:
             if not p.requires_grad or id(p) in self._ids:
@@ -165,7 +167,6 @@ class FlatParams:
                                  "parameters")
             if not p.dtype.is_floating_point:
                 raise TypeError(f"params: only floating-point parameters can be optimized, got {p.dtype}")
-            check_param_kind(p)
             buckets.setdefault((p.device, p.dtype, bool(scaled(p)) if scaled else False), []).append(p)
         for (_, _, is_scaled), bucket in buckets.items():
             kind = ShardBuffer if self.in_place or is_dtensor(bucket[0]) else FlatBuffer
@@ -179,7 +180,6 @@ class FlatParams:
                 self._received.append(had_grad[id(p)])
                 if not is_dtensor(p):        # FSDP2 hands gradients over after its reduce-scatter
                     self._hooks.append(p.register_hook(self._make_hook(index)))
-        self.shard_group = ShardGroup.of(self.managed)
         self._dirty = True
         self._place_stat_range()
 

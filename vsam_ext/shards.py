@@ -67,13 +67,14 @@ class ShardGroup:
 
     @staticmethod
     def of(params: Sequence[torch.Tensor]) -> Optional["ShardGroup"]:
-        """The group of ``params``' DTensors (None when there are none); one mesh for all, and
-        no plain tensor beside them (its sums would be counted once per rank)."""
+        """The group of ``params``' DTensors (None when there are none); every parameter of a
+        kind we handle (``check_param_kind``), one mesh for all, and no plain tensor beside the
+        DTensors (its sums would be counted once per rank)."""
+        for p in params:
+            check_param_kind(p)
         sharded = [p for p in params if is_dtensor(p)]
         if not sharded:
             return None
-        for p in sharded:
-            check_param_kind(p)
         if len(sharded) != len(params):
             raise TypeError(f"params: {len(params) - len(sharded)} plain tensor(s) beside {len(sharded)} DTensor "
                             f"parameter(s); with FSDP2 apply fully_shard to the root module too, so every "
