@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .. import _C  # noqa: F401  (registers torch.ops.vsam_ext.*)
+from . import fake  # noqa: F401,E402  (their fake kernels: torch.compile traces them)
 
 __all__ = ["segment_sumsq", "segment_gram", "segment_axpby", "perturb", "restore_psf_stats", "reuse", "sgd_step",
            "adamw_step", "has_kernel", "segment_sumsq_list", "segment_gram_list", "segment_axpby_list", "perturb_list",
