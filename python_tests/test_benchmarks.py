@@ -143,6 +143,24 @@ def test_bench_lists_quick(tmp_path):
     assert "## Tensor lists vs flat buffers (CPU)" in md and "list/flat" in md and "command:" in md
 
 
+@pytest.mark.skipif(not _HAVE_CPU_EXT, reason="cpu extension not built")
+def test_bench_compile_quick():
+    """bench_compile.py --quick with the aot_eager backend (no C++ compile): its table has the
+    three methods, eager and compiled, and the compiled model trained as the eager one (aot_eager
+    runs the same kernels: the same final loss); timings not checked."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    out = subprocess.run([sys.executable, os.path.join(BENCH, "bench_compile.py"), "--quick", "--backend", "aot_eager"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r[0].strip() for r in rows[1:]] == ["sgd", "sam", "vsam"]
+    for r in rows[1:]:
+        assert float(r[1]) > 0 and float(r[2]) > 0
+        eager_loss, compiled_loss = r[5].split("/")
+        assert eager_loss.strip() == compiled_loss.strip()
+
+
 def test_bench_train_fixed_batch_is_documented():
     out = subprocess.run([sys.executable, os.path.join(BENCH, "bench_train.py"), "--help"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
