@@ -81,3 +81,22 @@ def test_nvcc_with_our_flags_emits_no_fma_and_the_check_catches_it_without(flags
                    capture_output=True, timeout=120)
     result = subprocess.run([sys.executable, CHECK, str(ptx)], capture_output=True, text=True)
     assert result.returncode == (1 if bad else 0), result.stdout
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
+def test_the_built_cpu_kernels_hold_no_fma_instruction():
+    """The AVX2 kernel set (csrc/cpu_kernels_avx2.cpp) is vector code, and no FMA: its target
+    list leaves "fma" out. Read off the extension this suite imports, on x86-64."""
+    import platform
+    import re
+    import vsam_ext
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the instruction names checked are x86-64's")
+    lib = next((os.path.join(os.path.dirname(vsam_ext.__file__), f) for f in os.listdir(os.path.dirname(vsam_ext.__file__))
+                if f.startswith("_C") and f.endswith(".so")), None)
+    if lib is None:
+        pytest.skip("the extension is not built")
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", lib], capture_output=True, text=True, check=True).stdout
+    assert "ymm" in text, "no 256-bit vector code: the AVX2 kernel set was not built"
+    fma = re.findall(r"\bvf(?:n)?m(?:add|sub)\w*", text)
+    assert not fma, f"FMA instructions in {lib}: {sorted(set(fma))[:5]}"
