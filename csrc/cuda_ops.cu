@@ -9,7 +9,8 @@
 // per tensor, so the two give the same bits, element-wise and in the sums of a tensor
 // (segment ops). Each launch covers as many spans as fit in its kernel argument (Table<Ptrs>:
 // 45 to 78 spans, by the functor's number of buffers), one block per chunk of 16 KiB of each
-// buffer; the sums take one more launch.
+// buffer; the segment ops launch once for any number of spans (a table in device memory when
+// they do not fit one kernel argument); the sums take one more launch.
 //
 // One translation unit on purpose: torch's headers cost about 50 s of nvcc time per file, the
 // kernels themselves a few seconds, so three files took 3 minutes to compile on a 2-core CI
@@ -49,6 +50,7 @@ struct SumsqF {
     const T* x;
     const T* w;   // nullptr: no weight
   };
+  static constexpr int kRows = kChunkVecs;   // a thread's vectors of a whole chunk: loads first
   Ptrs p;
   acc eta;
 
@@ -56,21 +58,35 @@ struct SumsqF {
 
   template <int N, typename S>
   __host__ __device__ __forceinline__ void apply(int64_t i, S& s) const {
-    T xr[N];
-    load<N>(xr, p.x + i);
+    apply_rows<N, 1>(i, 0, s);
+  }
+
+  // The pieces i, i + stride, ... (R of N elements): every load, then the adds in piece order.
+  template <int N, int R, typename S>
+  __host__ __device__ __forceinline__ void apply_rows(int64_t i, int64_t stride, S& s) const {
+    T xr[R][N];
+    VSAM_UNROLL
+    for (int r = 0; r < R; ++r) load<N>(xr[r], p.x + i + r * stride);
     if (p.w != nullptr) {
-      T wr[N];
-      load<N>(wr, p.w + i);
+      T wr[R][N];
       VSAM_UNROLL
-      for (int j = 0; j < N; ++j) {
-        const acc v = (dev_abs(static_cast<acc>(wr[j])) + eta) * static_cast<acc>(xr[j]);
-        s[0] += v * v;
+      for (int r = 0; r < R; ++r) load<N>(wr[r], p.w + i + r * stride);
+      VSAM_UNROLL
+      for (int r = 0; r < R; ++r) {
+        VSAM_UNROLL
+        for (int j = 0; j < N; ++j) {
+          const acc v = (dev_abs(static_cast<acc>(wr[r][j])) + eta) * static_cast<acc>(xr[r][j]);
+          s[0] += v * v;
+        }
       }
     } else {
       VSAM_UNROLL
-      for (int j = 0; j < N; ++j) {
-        const acc v = static_cast<acc>(xr[j]);
-        s[0] += v * v;
+      for (int r = 0; r < R; ++r) {
+        VSAM_UNROLL
+        for (int j = 0; j < N; ++j) {
+          const acc v = static_cast<acc>(xr[r][j]);
+          s[0] += v * v;
+        }
       }
     }
   }
@@ -86,21 +102,32 @@ struct GramF {
     const T* a;
     const T* b;
   };
+  static constexpr int kRows = kChunkVecs;
   Ptrs p;
 
   __host__ __device__ __forceinline__ void bind(const Ptrs& q, int64_t, int64_t) { p = q; }
 
   template <int N, typename S>
   __host__ __device__ __forceinline__ void apply(int64_t i, S& s) const {
-    T ar[N], br[N];
-    load<N>(ar, p.a + i);
-    load<N>(br, p.b + i);
+    apply_rows<N, 1>(i, 0, s);
+  }
+
+  template <int N, int R, typename S>
+  __host__ __device__ __forceinline__ void apply_rows(int64_t i, int64_t stride, S& s) const {
+    T ar[R][N], br[R][N];
     VSAM_UNROLL
-    for (int j = 0; j < N; ++j) {
-      const acc u = static_cast<acc>(ar[j]), v = static_cast<acc>(br[j]);
-      s[0] += u * u;
-      s[1] += u * v;
-      s[2] += v * v;
+    for (int r = 0; r < R; ++r) load<N>(ar[r], p.a + i + r * stride);
+    VSAM_UNROLL
+    for (int r = 0; r < R; ++r) load<N>(br[r], p.b + i + r * stride);
+    VSAM_UNROLL
+    for (int r = 0; r < R; ++r) {
+      VSAM_UNROLL
+      for (int j = 0; j < N; ++j) {
+        const acc u = static_cast<acc>(ar[r][j]), v = static_cast<acc>(br[r][j]);
+        s[0] += u * u;
+        s[1] += u * v;
+        s[2] += v * v;
+      }
     }
   }
 };
@@ -864,6 +891,9 @@ at::Tensor adamw_step_list_cuda(at::TensorList param, at::TensorList grad, at::T
 }  // namespace gpu
 }  // namespace vsam_ext
 
+// python_tests/emulated_launch.cu includes this file with VSAM_EXT_EMULATED_LAUNCH to run the
+// functors and the launcher's host side on the CPU; it registers nothing.
+#ifndef VSAM_EXT_EMULATED_LAUNCH
 TORCH_LIBRARY_IMPL(vsam_ext, CUDA, m) {
   m.impl("segment_sumsq", &vsam_ext::gpu::segment_sumsq_cuda);
   m.impl("segment_gram", &vsam_ext::gpu::segment_gram_cuda);
@@ -882,3 +912,4 @@ TORCH_LIBRARY_IMPL(vsam_ext, CUDA, m) {
   m.impl("sgd_step_list", &vsam_ext::gpu::sgd_step_list_cuda);
   m.impl("adamw_step_list", &vsam_ext::gpu::adamw_step_list_cuda);
 }
+#endif  // VSAM_EXT_EMULATED_LAUNCH

@@ -18,7 +18,10 @@
 //   global memory): per span its buffers' addresses (the functor's Ptrs), begin, end, the first
 //   statistics element, whether every address is 16-byte aligned, and its first block. A block
 //   finds its span by a binary search over the first blocks, binds the functor to the span's
-//   addresses and runs its chunk. A list of more spans than fit takes one launch per fill.
+//   addresses and runs its chunk. A list of more spans than fit takes one launch per fill; the
+//   segment ops instead take one launch with the same fields in device memory (GlobalTable, one
+//   non-blocking copy), since their results need every span and a launch of kMax segments is
+//   only a wave or two of blocks.
 // * `for_range` walks a chunk with a block-stride loop: vectors of kVec<T> elements where the
 //   span's addresses are 16-byte aligned, and a guarded scalar path for the head and tail of a
 //   span that do not fill a vector and for spans whose addresses are not aligned (a view with a
@@ -35,6 +38,12 @@
 //   __host__ __device__: it has no device-only part, so it can also be run on the CPU (an
 //   emulated launch) to check it on a machine without a GPU. Only the kernels and block_sum are
 //   device-only.
+// * Bytes in flight: a block's chunk is kChunkVecs (4) vectors per thread. The element-wise ops
+//   have two to six buffers, so a thread has that many 16-byte loads in flight in each step of
+//   for_range; the reductions that only read (segment_sumsq: one buffer) issue a thread's four
+//   vectors of each buffer before any add (kRows, apply_rows), else a thread would wait out four
+//   round trips to memory one after the other with 16 bytes in flight (the SASS of the plain
+//   loop: one LDG.E.128, its adds, the branch back).
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -88,14 +97,21 @@ template <typename T, int N> struct alignas(sizeof(T) * N) Pack { T v[N]; };
 
 // Global memory <-> register array. For N > 1 the address must be aligned to sizeof(T) * N
 // (for_range guarantees it); the registers stay a plain array, separate from the Pack type.
+// On the device a Pack access is one 16-byte load/store (the float4 idiom); in the host pass
+// (an emulated launch) the bytes are copied instead: reading T objects through a Pack lvalue
+// breaks C++'s aliasing rules, and g++ -O3 then miscompiled an emulated bf16 segment_gram.
 template <int N, typename T>
 __host__ __device__ __forceinline__ void load(T (&r)[N], const T* src) {
   if constexpr (N == 1) {
     r[0] = *src;
   } else {
+#ifdef __CUDA_ARCH__
     const Pack<T, N> p = *reinterpret_cast<const Pack<T, N>*>(src);
     VSAM_UNROLL
     for (int j = 0; j < N; ++j) r[j] = p.v[j];
+#else
+    std::memcpy(static_cast<void*>(r), static_cast<const void*>(src), sizeof(T) * N);
+#endif
   }
 }
 
@@ -104,10 +120,14 @@ __host__ __device__ __forceinline__ void store(T* dst, const T (&r)[N]) {
   if constexpr (N == 1) {
     *dst = r[0];
   } else {
+#ifdef __CUDA_ARCH__
     Pack<T, N> p;
     VSAM_UNROLL
     for (int j = 0; j < N; ++j) p.v[j] = r[j];
     *reinterpret_cast<Pack<T, N>*>(dst) = p;
+#else
+    std::memcpy(static_cast<void*>(dst), static_cast<const void*>(r), sizeof(T) * N);
+#endif
   }
 }
 
@@ -119,24 +139,55 @@ template <typename A> __host__ __device__ __forceinline__ A dev_abs(A x);
 template <> __host__ __device__ __forceinline__ float dev_abs<float>(float x) { return fabsf(x); }
 template <> __host__ __device__ __forceinline__ double dev_abs<double>(double x) { return fabs(x); }
 
+// Rows per batch of a functor: F::kRows when it has one (a read-only functor with
+// apply_rows<W, R>), else 1 (C++17 detection: older torch builds extensions with -std=c++17).
+template <typename F, typename = void>
+struct RowsOf {
+  static constexpr int value = 1;
+};
+template <typename F>
+struct RowsOf<F, std::void_t<decltype(F::kRows)>> {
+  static constexpr int value = F::kRows;
+};
+
 // Calls f.apply<W>(i, sums) for the elements of [s, e): thread `tid` of `nthreads` takes every
 // nthreads-th piece. With vec_ok (all of the functor's pointers 16-byte aligned) the pieces in
 // [round_up(s, V), round_down(e, V)) are whole vectors (W = V); the head before and the tail
 // after are single elements (W = 1). Without vec_ok, every element is a W = 1 piece.
+//
+// A functor with kRows = R > 1 (the reductions that only read: SumsqF, GramF) gets a thread's
+// pieces R at a time, f.apply_rows<W, R>(i, stride, sums) for the pieces i, i + stride, ...,
+// i + (R - 1) stride: it issues the R loads of each buffer before it adds anything, so a thread
+// has R 16-byte loads per buffer in flight instead of one (the loop below is not unrolled by
+// the compiler: one load, its adds, the branch back). The adds are the same, in the same
+// order (piece by piece, element by element), as R calls of apply<W>, so the sums have the
+// same bits; the pieces left over (fewer than R) go one by one.
 template <int V, typename F, typename S>
 __host__ __device__ __forceinline__ void for_range(int64_t s, int64_t e, int64_t tid, int64_t nthreads, bool vec_ok,
                                                    const F& f, S& sums) {
+  constexpr int R = RowsOf<F>::value;
   if (V > 1 && vec_ok) {
     const int64_t up = (s + V - 1) / V * V;
     const int64_t a = up < e ? up : e;                              // first index of a vector
     const int64_t z = a + (e - a) / V * V;                          // end of the last vector
     VSAM_NO_UNROLL
     for (int64_t i = s + tid; i < a; i += nthreads) f.template apply<1>(i, sums);
-    for (int64_t i = a + tid * V; i < z; i += nthreads * V) f.template apply<V>(i, sums);
+    const int64_t stride = nthreads * V;
+    int64_t i = a + tid * V;
+    if constexpr (R > 1) {
+      VSAM_NO_UNROLL
+      for (; i + (R - 1) * stride < z; i += R * stride) f.template apply_rows<V, R>(i, stride, sums);
+    }
+    for (; i < z; i += stride) f.template apply<V>(i, sums);
     VSAM_NO_UNROLL
     for (int64_t i = z + tid; i < e; i += nthreads) f.template apply<1>(i, sums);
   } else {
-    for (int64_t i = s + tid; i < e; i += nthreads) f.template apply<1>(i, sums);
+    int64_t i = s + tid;
+    if constexpr (R > 1) {
+      VSAM_NO_UNROLL
+      for (; i + (R - 1) * nthreads < e; i += R * nthreads) f.template apply_rows<1, R>(i, nthreads, sums);
+    }
+    for (; i < e; i += nthreads) f.template apply<1>(i, sums);
   }
 }
 
@@ -204,6 +255,8 @@ __device__ __forceinline__ void block_sum(A (&v)[K]) {
 //   bind(q, stat_from, seg)   sets p = q and what else the span changes (the first statistics
 //                       element; the segment's device scalars)
 //   apply<N>(i, sums)   the N elements at i of the bound buffers
+//   kRows, apply_rows<N, R>(i, stride, sums)   optional (read-only reductions): R pieces at once
+//                       (see for_range)
 
 // The kernel argument of one launch: up to kMax spans, about 3.5 KiB, so that it fits the
 // classic 4 KiB limit on kernel arguments together with the functor (static_assert in launch).
@@ -223,6 +276,25 @@ struct Table {
   int32_t block0[kMax + 1];   // span k: this launch's blocks [block0[k], block0[k + 1])
   int32_t count;              // spans in this launch
   uint8_t vec_ok[kMax];       // every pointer of ptrs[k] is 16-byte aligned
+};
+
+// The same spans in global memory: one launch over any number of spans, for the segment ops
+// (per-segment functors) when their spans do not fit one Table (flat ops of more than kMax
+// segments, lists of more than kMax tensors; kMax is 78 for segment_sumsq). The arrays are one
+// device copy of a pinned host buffer (launch_global). A block finds its span by the same
+// binary search, in global memory: log2(spans) loads, the upper levels shared by every block
+// and cached. Member names as in Table, so that locate and apply_kernel serve both.
+template <typename P>
+struct GlobalTable {
+  const P* ptrs;
+  const int64_t* begin;
+  const int64_t* end;
+  const int64_t* stat_from;
+  int64_t seg0;               // 0: one launch
+  int64_t chunk0;             // 0
+  const int32_t* block0;      // count + 1 entries
+  int32_t count;
+  const uint8_t* vec_ok;
 };
 
 // Where block b of a launch works: span k of the table, its j-th chunk, the elements [s, e).
@@ -254,10 +326,12 @@ __host__ __device__ __forceinline__ Where locate(const Tab& tab, int32_t b) {
 // Block b of a launch: the chunk of its span, with the functor bound to the span's buffers. The
 // chunk's sums go to partials[q * total + chunk0 + b]. For the segment ops, a span's first block
 // also writes the span's chunk range (first global chunk, count) to ranges[2 * seg] and
-// ranges[2 * seg + 1] (seg = seg0 + k).
-template <typename F>
-__global__ void __launch_bounds__(kThreads) apply_kernel(F f, const Table<typename F::Ptrs> tab,
-                                                         typename F::acc* partials, int64_t total, int64_t* ranges) {
+// ranges[2 * seg + 1] (seg = seg0 + k). Tab: Table<Ptrs> (a kernel argument) or
+// GlobalTable<Ptrs>; a block does the same work, and writes the same sums to the same places,
+// with either.
+template <typename F, typename Tab>
+__global__ void __launch_bounds__(kThreads) apply_kernel(F f, const Tab tab, typename F::acc* partials, int64_t total,
+                                                         int64_t* ranges) {
   using A = typename F::acc;
   constexpr int K = F::kSums > 0 ? F::kSums : 1;
   const int32_t b = static_cast<int32_t>(blockIdx.x);
@@ -287,6 +361,37 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(F f, const Table<typena
 // Block r: out[r * K + q] = the sum of partials[q * total + first ... first + count), in a fixed
 // order (each thread a fixed strided subset in order, then block_sum), with (first, count) =
 // ranges[2 r], ranges[2 r + 1], or (0, total) when ranges is nullptr (one result over all).
+// A thread loads kFinalRows of its partials before it adds them, in the same order as one by
+// one: a 64 M-element buffer has 16 K chunks, 64 per thread of the one block of a one-segment
+// sum, and a load-add loop would wait out 64 round trips to L2 one after the other.
+constexpr int kFinalRows = 8;
+
+// Thread `tid` of `nthreads`: s[q] += partials[q * total + first + i] for i = tid, tid +
+// nthreads, ... < count, in that order (host and device: an emulated launch can check it).
+template <typename A, int K>
+__host__ __device__ __forceinline__ void finalize_thread(const A* partials, int64_t total, int64_t first,
+                                                         int64_t count, int64_t tid, int64_t nthreads, A (&s)[K]) {
+  int64_t i = tid;
+  VSAM_NO_UNROLL
+  for (; i + (kFinalRows - 1) * nthreads < count; i += kFinalRows * nthreads) {
+    A v[kFinalRows][K];
+    VSAM_UNROLL
+    for (int r = 0; r < kFinalRows; ++r) {
+      VSAM_UNROLL
+      for (int q = 0; q < K; ++q) v[r][q] = partials[q * total + first + i + r * nthreads];
+    }
+    VSAM_UNROLL
+    for (int r = 0; r < kFinalRows; ++r) {
+      VSAM_UNROLL
+      for (int q = 0; q < K; ++q) s[q] += v[r][q];
+    }
+  }
+  for (; i < count; i += nthreads) {
+    VSAM_UNROLL
+    for (int q = 0; q < K; ++q) s[q] += partials[q * total + first + i];
+  }
+}
+
 template <typename A, int K>
 __global__ void __launch_bounds__(kThreads) finalize_kernel(const A* partials, int64_t total, const int64_t* ranges,
                                                             A* out) {
@@ -295,10 +400,7 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const A* partials, i
   A s[K];
   VSAM_UNROLL
   for (int q = 0; q < K; ++q) s[q] = A(0);
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-    VSAM_UNROLL
-    for (int q = 0; q < K; ++q) s[q] += partials[q * total + first + i];
-  }
+  finalize_thread<A, K>(partials, total, first, count, threadIdx.x, blockDim.x, s);
   block_sum<K>(s);
   if (threadIdx.x == 0) {
     VSAM_UNROLL
@@ -374,6 +476,76 @@ int64_t for_each_fill(const std::vector<Span>& spans, const PtrsOf& ptrs_of, con
   return chunk0;
 }
 
+// A GlobalTable's fields in one buffer of 8-byte words (n spans, pointer structs of `ptr_words`
+// words each):
+//   begin [n] | end [n] | stat_from [n] | ptrs [n * ptr_words] | block0 (int32) [n + 1] | vec_ok (bytes) [n]
+struct GlobalLayout {
+  int64_t n, o_end, o_stat, o_ptrs, o_block0, o_vec, words;
+  GlobalLayout(int64_t spans, int64_t ptr_words)
+      : n(spans), o_end(spans), o_stat(2 * spans), o_ptrs(3 * spans), o_block0(o_ptrs + spans * ptr_words),
+        o_vec(o_block0 + (spans + 2) / 2), words(o_vec + (spans + 7) / 8) {}
+};
+
+template <typename P>
+inline GlobalLayout global_layout(int64_t spans) {
+  static_assert(sizeof(P) % sizeof(int64_t) == 0 && alignof(P) <= alignof(int64_t), "Ptrs must hold pointers only");
+  return GlobalLayout(spans, static_cast<int64_t>(sizeof(P) / sizeof(int64_t)));
+}
+
+// Writes the fields of `spans` (span k's buffers: ptrs_of(spans[k].t)) into h (L.words words, on
+// the host) as for_each_fill would put them in its Tables, blocks numbered from 0 over all
+// spans. Returns the number of blocks.
+template <typename F, typename PtrsOf>
+int64_t fill_global(const std::vector<Span>& spans, const PtrsOf& ptrs_of, const GlobalLayout& L, int64_t* h) {
+  using P = typename F::Ptrs;
+  int32_t* h_block0 = reinterpret_cast<int32_t*>(h + L.o_block0);
+  uint8_t* h_vec = reinterpret_cast<uint8_t*>(h + L.o_vec);
+  int64_t blocks = 0;
+  for (int64_t k = 0; k < L.n; ++k) {
+    const Span& sp = spans[k];
+    const P q = ptrs_of(sp.t);
+    std::memcpy(h + L.o_ptrs + k * static_cast<int64_t>(sizeof(P) / sizeof(int64_t)), &q, sizeof(P));
+    h[k] = sp.begin;
+    h[L.o_end + k] = sp.end > sp.begin ? sp.end : sp.begin;
+    h[L.o_stat + k] = sp.stat_from;
+    h_vec[k] = all_aligned(q) ? 1 : 0;
+    h_block0[k] = static_cast<int32_t>(blocks);
+    blocks += blocks_of<F>(sp);
+  }
+  h_block0[L.n] = static_cast<int32_t>(blocks);
+  return blocks;
+}
+
+// The GlobalTable over a copy of those words at d (device memory for a launch; the host buffer
+// itself for an emulated one).
+template <typename P>
+inline GlobalTable<P> global_table(const int64_t* d, const GlobalLayout& L) {
+  return GlobalTable<P>{reinterpret_cast<const P*>(d + L.o_ptrs), d, d + L.o_end, d + L.o_stat, 0, 0,
+                        reinterpret_cast<const int32_t*>(d + L.o_block0), static_cast<int32_t>(L.n),
+                        reinterpret_cast<const uint8_t*>(d + L.o_vec)};
+}
+
+// One launch over all of `spans` with a GlobalTable (a per-segment functor whose spans do not fit
+// one Table): the words in one pinned host buffer, copied to the device on `stream` without
+// blocking the host (the caching host allocator keeps the buffer until the copy has run; the
+// device copy is stream-ordered like every tensor of the op). Blocks, chunks, partials and
+// ranges as in the launches of for_each_fill.
+template <typename F, typename PtrsOf>
+void launch_global(const F& f, const std::vector<Span>& spans, const PtrsOf& ptrs_of, const at::TensorOptions& opts,
+                   typename F::acc* d_partials, int64_t total, int64_t* d_ranges, cudaStream_t stream) {
+  using P = typename F::Ptrs;
+  const GlobalLayout L = global_layout<P>(static_cast<int64_t>(spans.size()));
+  at::Tensor host = at::empty({L.words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  const int64_t blocks = fill_global<F>(spans, ptrs_of, L, host.data_ptr<int64_t>());
+  TORCH_INTERNAL_ASSERT(blocks == total && blocks < kMaxGrid);
+  at::Tensor dev = at::empty({L.words}, opts.dtype(at::kLong));
+  dev.copy_(host, /*non_blocking=*/true);
+  const GlobalTable<P> tab = global_table<P>(dev.data_ptr<int64_t>(), L);
+  apply_kernel<F, GlobalTable<P>><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(f, tab, d_partials, total,
+                                                                                       d_ranges);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Runs functor f over the spans on the current stream of `opts`' device: span k's buffers are
 // ptrs_of(spans[k].t). Returns the sums in F::acc: (nspans,) or (nspans, kSums) for a
 // per-segment functor (every span is a segment, an empty one sums to 0), (kSums,) for the
@@ -421,10 +593,25 @@ at::Tensor launch(const F& f, const std::vector<Span>& spans, const PtrsOf& ptrs
     }
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(opts.device().index()).stream();
-  for_each_fill<F>(spans, ptrs_of, [&](const Table<typename F::Ptrs>& tab, int64_t blocks) {
-    apply_kernel<F><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(f, tab, d_partials, total, d_ranges);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  using Tab = Table<typename F::Ptrs>;
+  bool launched = false;
+  if constexpr (F::kPerSegment) {
+    // The segment ops: one launch, not one per kMax spans. A launch of kMax segments is a wave or
+    // two of blocks (78 segments of 64 K floats: 1248 blocks), so with one launch per table the
+    // waves' tails and the gaps between launches cost more than one copy of a table (1024
+    // segments: 14 launches).
+    if (nspans > Tab::kMax && total < kMaxGrid) {
+      launch_global(f, spans, ptrs_of, opts, d_partials, total, d_ranges, stream);
+      launched = true;
+    }
+  }
+  if (!launched) {
+    for_each_fill<F>(spans, ptrs_of, [&](const Tab& tab, int64_t blocks) {
+      apply_kernel<F, Tab><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(f, tab, d_partials, total,
+                                                                                 d_ranges);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
 
   if constexpr (K > 0) {
     if (F::kPerSegment) {
