@@ -35,6 +35,11 @@ numel, first block and one address per operand).
 
 The mutation check compiles the SGD kernel with ``enable_fp_fusion=True`` (Triton's default
 until 3.10) and requires the checker to find ``fma`` there: the test can fail.
+
+Memory accesses (issue 15): a block wholly inside its buffer takes a fast path with 128-bit
+loads (``ld.global.v4.b32``, ``v2.b64``), whatever ``n`` and for the list and segment kernels
+too, and each kernel has one layout (16 bytes of elements per thread) for both paths and for
+its flat and list forms, so its partial sums are the same tree of additions everywhere.
 """
 import importlib.util
 import json
@@ -53,7 +58,8 @@ DTYPES = ("fp32", "fp64", "bf16", "fp16")
 # missing here), and the @triton.jit helpers, which are inlined into them.
 KERNELS = ("_segment_partials_kernel", "_segment_reduce_kernel", "_axpby_kernel", "_perturb_kernel",
            "_restore_kernel", "_reuse_kernel", "_sgd_kernel", "_adamw_kernel")
-HELPERS = ("_rounded", "_div_rn", "_sqrt_rn", "_psf_and_stats", "_final_grad")
+HELPERS = ("_rounded", "_div_rn", "_sqrt_rn", "_psf_stats", "_partials_tile", "_axpby_tile", "_perturb_tile",
+           "_restore_tile", "_reuse_tile", "_sgd_tile", "_adamw_tile")
 # the kernels launched for flat buffers (LIST=False) and for lists of tensors (LIST=True)
 ELEMENTWISE = ("_perturb_kernel", "_restore_kernel", "_reuse_kernel", "_sgd_kernel", "_adamw_kernel")
 # the least number of table entries (64-bit, unmasked loads) a program of a list variant reads:
@@ -196,9 +202,13 @@ def _compile(job):
         ops[m.group(1)] = ops.get(m.group(1), 0) + 1
     # loads that no mask guards, of 64-bit values: the table's entries (and fp64 scalars)
     table_loads = len(re.findall(r"^\s*ld\.global(?:\.\w+)*\.(?:b64|u64|s64)\s", ptx, re.M))
+    # 128-bit global accesses (4 x b32: fp32, or 8 packed 16-bit values; 2 x b64: fp64)
+    wide = {kind: len(re.findall(rf"^\s*(?:@!?%\w+\s+)?{kind}\.global(?:\.\w+)*\.(?:v4\.b32|v2\.b64)\s", ptx, re.M))
+            for kind in ("ld", "st")}
+    layouts = sorted(set(re.findall(r"#ttg\.blocked<\{[^}]*\}>", kernel.asm["ttgir"])))
     const = {k: (str(v) if not isinstance(v, (bool, int)) else v) for k, v in constexprs.items()}
     return dict(kernel=name, dtype=dt, constexprs=const, fusion=fusion, offending=bad, ftz=ftz, ops=ops,
-                table_loads=table_loads, seconds=round(seconds, 3))
+                table_loads=table_loads, wide=wide, layouts=layouts, seconds=round(seconds, 3))
 
 
 def _find_ptxas():
@@ -348,6 +358,39 @@ def test_list_kernels_load_their_pointers_from_the_table(compiled, kernel):
     for r in results:
         if not r["constexprs"].get("LIST", True) and r["dtype"] != "fp64":
             assert r["table_loads"] == 0, (r["kernel"], r["dtype"], r["constexprs"], r["table_loads"])
+
+
+# the kernels whose blocks have a fast path (every kernel but the reduction of the partials)
+FAST_PATH = tuple(k for k in KERNELS if k != "_segment_reduce_kernel")
+ELEMENTS_PER_16_BYTES = {"fp32": 4, "fp64": 2, "bf16": 8, "fp16": 8}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", FAST_PATH)
+def test_whole_blocks_use_128_bit_accesses(compiled, kernel, dtype):
+    """A block wholly inside its buffer (list and segment kernels: at 16-byte aligned addresses)
+    loads 128 bits at a time, whatever ``n`` (compiled here without Triton's divisibility-by-16
+    specialization of the integers, as ResNet-50's 25,557,032 parameters launch) and whether its
+    addresses come from the table; the partial block keeps masked narrow accesses. Issue 15:
+    every access of the list and segment kernels, and of the flat kernels at such ``n``, was
+    32-bit (16-bit for 16-bit dtypes)."""
+    results = _results(compiled, kernel, dtype)
+    assert results
+    for r in results:
+        assert r["wide"]["ld"] > 0, (kernel, dtype, r["constexprs"], r["wide"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel", FAST_PATH)
+def test_one_layout_for_both_paths_flat_and_list(compiled, kernel, dtype):
+    """The fast and the masked path of a kernel, and its flat and list forms, have one layout:
+    16 bytes of elements per thread. A block's partial sums (the statistics, the segment sums)
+    are then the same tree of additions on either path, so the same values give the same bits
+    for a flat buffer, a list of tensors, aligned or not."""
+    results = _results(compiled, kernel, dtype)
+    layouts = {layout for r in results for layout in r["layouts"]}
+    assert len(layouts) == 1, (kernel, dtype, layouts)
+    assert f"sizePerThread = [{ELEMENTS_PER_16_BYTES[dtype]}]" in layouts.pop()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

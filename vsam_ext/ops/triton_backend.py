@@ -26,7 +26,10 @@ Conventions shared by every kernel (each ``@triton.jit`` kernel sits beside its 
   jit helper, ~2 ms each.)
 * Statistics and sums of squares are deterministic: each program writes its partial sums to a
   scratch tensor, which is then reduced in a fixed order (torch ``.sum`` on the device, or the
-  per-segment reduction kernel). No float atomics.
+  per-segment reduction kernel). No float atomics. A program's partial sum is ``tl.sum`` over
+  its block in the kernel's one layout (16 bytes of elements per thread, on the fast and the
+  masked path, flat or list: see "The element-wise ops" below), so the same values give the
+  same bits in a flat buffer and in a list of tensors.
 * List ops: the tensors' addresses (``data_ptr()``) go to the kernel in an int64 device table
   with the block->tensor map, uploaded in one copy (pinned, non-blocking on CUDA) and cached by
   addresses and sizes (LRU): the same tensors come back every step. Checks of the lists (lengths,
@@ -252,13 +255,19 @@ def _flat_table(bufs: Sequence[torch.Tensor], bounds: Sequence[int]) -> Tuple[Op
     x = bufs[0]
     _table_device(x.device)
     n, size = x.numel(), x.element_size()
-    bounds = tuple(int(v) for v in bounds)
+    # The key holds the bounds as given: a new list of ints every step (the optimizer's), so the
+    # tuple is built and hashed in C; converting each value first (int(v) in a generator) cost
+    # ~0.1-0.2 ms per call at 1024 segments, more than the kernels at 64 M parameters. Values
+    # that compare and hash equal to the ints (numpy integers) find the same entry; the layout
+    # converts them.
+    bounds = tuple(bounds)
     bases = tuple(b.data_ptr() for b in bufs)
     block = _block(n)
 
     def layout():
+        cuts = [int(v) for v in bounds]
         starts, numels = [], []
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in zip(cuts[:-1], cuts[1:]):
             lo, hi, _ = slice(a, b).indices(n)
             starts.append(lo)
             numels.append(max(hi - lo, 0))
@@ -347,45 +356,83 @@ _SUMSQ, _SUMSQ_T, _GRAM = 0, 1, 2
 
 
 @triton.jit
-def _segment_partials_kernel(a_ptr, b_ptr, eta_hi, eta_mid, eta_lo, table_ptr, part_ptr, nseg, nblocks,
-                             KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """Partials (rows of ``nblocks``) of this program's (segment, block): sum a^2 (_SUMSQ);
-    sum ((|b| + eta) a)^2 (_SUMSQ_T: ASAM's T g); sum a^2 | sum a b | sum b^2 (_GRAM).
-    ``a_ptr``/``b_ptr`` give the element type; the segment's addresses come from the table."""
-    pid = tl.program_id(0)
-    seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
-    n = tl.load(table_ptr + nseg + 1 + seg)
-    offs = (pid - tl.load(table_ptr + seg)) * BLOCK + tl.arange(0, BLOCK)     # int64: seg is int64
-    addr = table_ptr + 2 * nseg + 1 + nblocks + seg
-    a_ptr = tl.load(addr).to(a_ptr.dtype)
-    mask = offs < n
+def _partials_tile(a_ptr, b_ptr, part_ptr, pid, nblocks, offs, mask, eta, KIND: tl.constexpr, ACC: tl.constexpr):
+    """The partials of one (segment, block): every load first, the sums, their stores."""
     a = tl.load(a_ptr + offs, mask=mask, other=0).to(ACC)
-    if KIND == 2:
-        b_ptr = tl.load(addr + nseg).to(b_ptr.dtype)
+    if KIND != 0:
         b = tl.load(b_ptr + offs, mask=mask, other=0).to(ACC)
+    if KIND == 2:
         tl.store(part_ptr + pid, tl.sum(a * a, axis=0))
         tl.store(part_ptr + nblocks + pid, tl.sum(a * b, axis=0))
         tl.store(part_ptr + 2 * nblocks + pid, tl.sum(b * b, axis=0))
     else:
         if KIND == 1:
-            b_ptr = tl.load(addr + nseg).to(b_ptr.dtype)
-            eta = tl.cast(eta_hi, ACC) + tl.cast(eta_mid, ACC) + tl.cast(eta_lo, ACC)
-            a = (tl.abs(tl.load(b_ptr + offs, mask=mask, other=0).to(ACC)) + eta) * a
+            a = (tl.abs(b) + eta) * a
         tl.store(part_ptr + pid, tl.sum(tl.where(mask, a * a, 0.0), axis=0))
+
+
+@triton.jit
+def _segment_partials_kernel(a_ptr, b_ptr, eta_hi, eta_mid, eta_lo, table_ptr, part_ptr, nseg, nblocks,
+                             KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Partials (rows of ``nblocks``) of this program's (segment, block): sum a^2 (_SUMSQ);
+    sum ((|b| + eta) a)^2 (_SUMSQ_T: ASAM's T g); sum a^2 | sum a b | sum b^2 (_GRAM).
+    ``a_ptr``/``b_ptr`` give the element type; the segment's addresses come from the table.
+
+    A block that lies wholly in its segment, at 16-byte aligned addresses, takes the fast path:
+    its pointers carry that alignment (``tl.multiple_of``) and its mask is a constant true, so
+    its loads are 128-bit (the table's addresses alone tell the compiler nothing, and every load
+    was 32-bit). Other blocks take the masked path with the same code. Both paths share the
+    offsets, so the compiler gives them one layout (16 bytes of elements per thread, as the flat
+    kernels have): a block's sum is the same tree, in the same order, on either path and for a
+    segment of a flat buffer or a tensor of a list."""
+    pid = tl.program_id(0)
+    seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
+    n = tl.load(table_ptr + nseg + 1 + seg)
+    start = (pid - tl.load(table_ptr + seg)) * BLOCK                   # int64: seg is int64
+    offs = start + tl.arange(0, BLOCK)
+    addr = table_ptr + 2 * nseg + 1 + nblocks + seg
+    a_addr = tl.load(addr)
+    b_addr = a_addr
+    if KIND != 0:
+        b_addr = tl.load(addr + nseg)
+    eta = tl.cast(eta_hi, ACC) + tl.cast(eta_mid, ACC) + tl.cast(eta_lo, ACC)
+    a_ptr = a_addr.to(a_ptr.dtype)
+    b_ptr = b_addr.to(b_ptr.dtype)
+    if (((a_addr | b_addr) & 15) == 0) & (start + BLOCK <= n):
+        _partials_tile(tl.multiple_of(a_ptr, 16), tl.multiple_of(b_ptr, 16), part_ptr, pid, nblocks, offs,
+                       tl.full([BLOCK], 1, tl.int1), eta, KIND, ACC)
+    else:
+        _partials_tile(a_ptr, b_ptr, part_ptr, pid, nblocks, offs, offs < n, eta, KIND, ACC)
 
 
 @triton.jit
 def _segment_reduce_kernel(part_ptr, table_ptr, out_ptr, nblocks, K: tl.constexpr, RBLOCK: tl.constexpr):
     """``out[seg, k]`` (``K`` per segment, in out's dtype) = the sum, in a fixed order, of row
-    ``k`` of the partials (``K`` rows of ``nblocks``) over the segment's blocks."""
+    ``k`` of the partials (``K`` rows of ``nblocks``) over the segment's blocks: lane ``r`` of
+    ``acc`` adds the segment's partials ``r``, ``r + RBLOCK``, ``r + 2 RBLOCK``, ... one after
+    the other, then ``tl.sum(acc)``. Each step loads four rows of ``RBLOCK`` before it adds
+    them, in that order (a one-segment sum of a 64 M buffer reads 32 K partials: with one row
+    per step, 32 round trips to L2 one after the other); the masked loads past the end add
+    +0.0, which leaves every sum as it was (``acc`` starts at +0.0 and is never -0.0)."""
     seg = tl.program_id(0)
     lo = tl.load(table_ptr + seg)
     hi = tl.load(table_ptr + seg + 1)
     for k in tl.static_range(K):
+        row = part_ptr + k * nblocks
         acc = tl.zeros([RBLOCK], dtype=part_ptr.dtype.element_ty)
-        for s in range(lo, hi, RBLOCK):
-            idx = s + tl.arange(0, RBLOCK)
-            acc += tl.load(part_ptr + k * nblocks + idx, mask=idx < hi, other=0)
+        for s in range(lo, hi, 4 * RBLOCK):
+            i0 = s + tl.arange(0, RBLOCK)
+            i1 = i0 + RBLOCK
+            i2 = i1 + RBLOCK
+            i3 = i2 + RBLOCK
+            x0 = tl.load(row + i0, mask=i0 < hi, other=0)
+            x1 = tl.load(row + i1, mask=i1 < hi, other=0)
+            x2 = tl.load(row + i2, mask=i2 < hi, other=0)
+            x3 = tl.load(row + i3, mask=i3 < hi, other=0)
+            acc += x0
+            acc += x1
+            acc += x2
+            acc += x3
         tl.store(out_ptr + seg * K + k, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty))
 
 
@@ -455,26 +502,38 @@ def segment_gram_list(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> t
 
 
 @triton.jit
-def _axpby_kernel(y_ptr, x_ptr, alpha_ptr, beta_ptr, table_ptr, part_ptr, nseg, nblocks,
-                  ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """``y <- alpha[seg] * y + beta[seg] * x`` on this program's (segment, block), and its
-    partial sum of squares of the stored (rounded) ``y``."""
-    pid = tl.program_id(0)
-    seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
-    n = tl.load(table_ptr + nseg + 1 + seg)
-    offs = (pid - tl.load(table_ptr + seg)) * BLOCK + tl.arange(0, BLOCK)     # int64: seg is int64
-    addr = table_ptr + 2 * nseg + 1 + nblocks + seg
-    y_ptr = tl.load(addr).to(y_ptr.dtype)
-    x_ptr = tl.load(addr + nseg).to(x_ptr.dtype)
-    mask = offs < n
-    alpha = tl.load(alpha_ptr + seg).to(ACC)
-    beta = tl.load(beta_ptr + seg).to(ACC)
+def _axpby_tile(y_ptr, x_ptr, part_ptr, pid, offs, mask, alpha, beta, ACC: tl.constexpr):
     y = tl.load(y_ptr + offs, mask=mask, other=0).to(ACC)
     x = tl.load(x_ptr + offs, mask=mask, other=0).to(ACC)
     y = _rounded(alpha * y + beta * x, y_ptr)
     tl.store(y_ptr + offs, y, mask=mask)
     y = y.to(ACC)
     tl.store(part_ptr + pid, tl.sum(tl.where(mask, y * y, 0.0), axis=0))
+
+
+@triton.jit
+def _axpby_kernel(y_ptr, x_ptr, alpha_ptr, beta_ptr, table_ptr, part_ptr, nseg, nblocks,
+                  ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """``y <- alpha[seg] * y + beta[seg] * x`` on this program's (segment, block), and its
+    partial sum of squares of the stored (rounded) ``y``. Fast and masked paths as in
+    ``_segment_partials_kernel``."""
+    pid = tl.program_id(0)
+    seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
+    n = tl.load(table_ptr + nseg + 1 + seg)
+    start = (pid - tl.load(table_ptr + seg)) * BLOCK                   # int64: seg is int64
+    offs = start + tl.arange(0, BLOCK)
+    addr = table_ptr + 2 * nseg + 1 + nblocks + seg
+    y_addr = tl.load(addr)
+    x_addr = tl.load(addr + nseg)
+    alpha = tl.load(alpha_ptr + seg).to(ACC)
+    beta = tl.load(beta_ptr + seg).to(ACC)
+    y_ptr = y_addr.to(y_ptr.dtype)
+    x_ptr = x_addr.to(x_ptr.dtype)
+    if (((y_addr | x_addr) & 15) == 0) & (start + BLOCK <= n):
+        _axpby_tile(tl.multiple_of(y_ptr, 16), tl.multiple_of(x_ptr, 16), part_ptr, pid, offs, tl.full([BLOCK], 1, tl.int1),
+                    alpha, beta, ACC)
+    else:
+        _axpby_tile(y_ptr, x_ptr, part_ptr, pid, offs, offs < n, alpha, beta, ACC)
 
 
 def _axpby(y: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, nseg: int, table,
@@ -516,7 +575,24 @@ def segment_axpby_list(ys: Sequence[torch.Tensor], xs: Sequence[torch.Tensor], a
 # range of ``n`` elements from the pointer arguments) or for lists (LIST=True: the pointer
 # arguments only give the element types; each program reads its tensor, the tensor's numel and
 # every operand's address from the table, and ``stat_start`` is ``stat_first``, a tensor
-# index). The maths after that prologue is the same code, so flat and list give the same bits.
+# index). The maths after that prologue is the same code (a ``_*_tile`` helper), so flat and
+# list give the same bits.
+#
+# Each kernel calls its tile on one of two paths, with the same code and the same offsets (so
+# the compiler gives both one layout, 16 bytes of elements per thread, and a block's statistics
+# are the same tree on either): a block that lies wholly in its buffer (list: at 16-byte aligned
+# addresses, which the pointers then carry by ``tl.multiple_of``) passes a constant all-true
+# mask, so its accesses are 128-bit; the last, partial block (and a list tensor at an unaligned
+# address) passes ``offs < n``. (A fast-path mask computed from the offsets, such as
+# ``offs < start + BLOCK``, is no good: the two paths then differ only in an operand, and
+# MLIR's block merging folds them into the masked one before the lowering.) Without the fast
+# path every access of a flat kernel was 32-bit whenever ``n`` is not a multiple of 16 (Triton
+# specializes an integer argument on divisibility by 16 only): ResNet-50's 25,557,032
+# parameters are 8 more than one; and every access of a list kernel was 32-bit.
+#
+# A tile issues every load before its first store or reduction: a ``tl.sum`` is a barrier of
+# the whole program, and a load placed after it (the momentum buffer after the statistics)
+# waited for it, a second round trip to memory per block.
 # --------------------------------------------------------------------------------------------
 
 def _stat_first(stat_first: int, nseg: int) -> int:
@@ -529,36 +605,60 @@ def _stat_first(stat_first: int, nseg: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _perturb_kernel(p_ptr, g_ptr, scale_ptr, backup_ptr, keep_ptr, n, eta_hi, eta_mid, eta_lo,
-                    table_ptr, nseg, nblocks,
-                    ADAPTIVE: tl.constexpr, HAS_KEEP: tl.constexpr, LIST: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    if LIST:
-        seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
-        n = tl.load(table_ptr + nseg + 1 + seg)
-        offs = (pid - tl.load(table_ptr + seg)) * BLOCK + tl.arange(0, BLOCK)
-        addr = table_ptr + 2 * nseg + 1 + nblocks + seg
-        p_ptr = tl.load(addr).to(p_ptr.dtype)
-        g_ptr = tl.load(addr + nseg).to(g_ptr.dtype)
-        backup_ptr = tl.load(addr + 2 * nseg).to(backup_ptr.dtype)
-        if HAS_KEEP:
-            keep_ptr = tl.load(addr + 3 * nseg).to(keep_ptr.dtype)
-    else:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+def _perturb_tile(p_ptr, g_ptr, backup_ptr, keep_ptr, offs, mask, scale, eta,
+                  ADAPTIVE: tl.constexpr, HAS_KEEP: tl.constexpr, ACC: tl.constexpr):
     p_raw = tl.load(p_ptr + offs, mask=mask, other=0)
     g_raw = tl.load(g_ptr + offs, mask=mask, other=0)
     tl.store(backup_ptr + offs, p_raw, mask=mask)                   # bit-exact copies
     if HAS_KEEP:
         tl.store(keep_ptr + offs, g_raw, mask=mask)
     w = p_raw.to(ACC)
-    step = g_raw.to(ACC) * tl.load(scale_ptr).to(ACC)
+    step = g_raw.to(ACC) * scale
     if ADAPTIVE:
-        t = tl.abs(w) + (tl.cast(eta_hi, ACC) + tl.cast(eta_mid, ACC) + tl.cast(eta_lo, ACC))
+        t = tl.abs(w) + eta
         step = step * t
         step = step * t
     tl.store(p_ptr + offs, _rounded(w + step, p_ptr), mask=mask)
+
+
+@triton.jit
+def _perturb_kernel(p_ptr, g_ptr, scale_ptr, backup_ptr, keep_ptr, n, eta_hi, eta_mid, eta_lo,
+                    table_ptr, nseg, nblocks,
+                    ADAPTIVE: tl.constexpr, HAS_KEEP: tl.constexpr, LIST: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    scale = tl.load(scale_ptr).to(ACC)          # first: after the stores it would be a round trip more
+    eta = tl.cast(eta_hi, ACC) + tl.cast(eta_mid, ACC) + tl.cast(eta_lo, ACC)
+    if LIST:
+        seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
+        n = tl.load(table_ptr + nseg + 1 + seg)
+        start = (pid - tl.load(table_ptr + seg)) * BLOCK
+        addr = table_ptr + 2 * nseg + 1 + nblocks + seg
+        p_addr = tl.load(addr)
+        g_addr = tl.load(addr + nseg)
+        b_addr = tl.load(addr + 2 * nseg)
+        k_addr = b_addr
+        if HAS_KEEP:
+            k_addr = tl.load(addr + 3 * nseg)
+        p_ptr = p_addr.to(p_ptr.dtype)
+        g_ptr = g_addr.to(g_ptr.dtype)
+        backup_ptr = b_addr.to(backup_ptr.dtype)
+        keep_ptr = k_addr.to(keep_ptr.dtype)
+        fast = (((p_addr | g_addr | b_addr | k_addr) & 15) == 0) & (start + BLOCK <= n)
+    else:
+        start = pid.to(tl.int64) * BLOCK
+        fast = start + BLOCK <= n
+    offs = start + tl.arange(0, BLOCK)
+    if fast:
+        if LIST:
+            _perturb_tile(tl.multiple_of(p_ptr, 16), tl.multiple_of(g_ptr, 16), tl.multiple_of(backup_ptr, 16),
+                          tl.multiple_of(keep_ptr, 16), offs, tl.full([BLOCK], 1, tl.int1), scale, eta, ADAPTIVE, HAS_KEEP,
+                          ACC)
+        else:
+            _perturb_tile(p_ptr, g_ptr, backup_ptr, keep_ptr, offs, tl.full([BLOCK], 1, tl.int1), scale, eta, ADAPTIVE,
+                          HAS_KEEP, ACC)
+    else:
+        _perturb_tile(p_ptr, g_ptr, backup_ptr, keep_ptr, offs, offs < n, scale, eta, ADAPTIVE, HAS_KEEP, ACC)
 
 
 def _perturb(p, g, scale, backup, keep, adaptive, eta, grid, n, table, nseg, nblocks, block) -> None:
@@ -605,43 +705,68 @@ def perturb_list(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], 
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _psf_and_stats(offs, mask, g_sam, psf_ptr, stat_start, ACC: tl.constexpr):
-    """``psf <- g_sam - psf`` (psf held g) and this block's partial (sum g^2, sum PSF^2) over the
-    elements at or after ``stat_start``; PSF^2 is taken of the stored (rounded) PSF."""
-    g = tl.load(psf_ptr + offs, mask=mask, other=0).to(ACC)
-    psf = _rounded(g_sam - g, psf_ptr)
-    tl.store(psf_ptr + offs, psf, mask=mask)
-    psf = psf.to(ACC)
+def _psf_stats(part_ptr, pid, nprog, offs, mask, stat_start, g, psf):
+    """This block's partial (sum g^2, sum PSF^2) over the elements at or after ``stat_start``:
+    ``g`` the old psf (the kept gradient), ``psf`` the new one as stored (rounded), both in the
+    maths dtype; to ``part_ptr[pid]`` and ``part_ptr[nprog + pid]``."""
     in_stats = mask & (offs >= stat_start)
-    s_g = tl.sum(tl.where(in_stats, g * g, 0.0), axis=0)
-    s_psf = tl.sum(tl.where(in_stats, psf * psf, 0.0), axis=0)
-    return s_g, s_psf
+    tl.store(part_ptr + pid, tl.sum(tl.where(in_stats, g * g, 0.0), axis=0))
+    tl.store(part_ptr + nprog + pid, tl.sum(tl.where(in_stats, psf * psf, 0.0), axis=0))
+
+
+@triton.jit
+def _restore_tile(p_ptr, backup_ptr, gs_ptr, psf_ptr, part_ptr, pid, nprog, offs, mask, stat_start,
+                  HAS_PSF: tl.constexpr, ACC: tl.constexpr):
+    """``p <- backup``; with psf: ``psf <- g_sam - psf`` (psf held g) and the statistics."""
+    b = tl.load(backup_ptr + offs, mask=mask, other=0)
+    if HAS_PSF:
+        g_sam = tl.load(gs_ptr + offs, mask=mask, other=0).to(ACC)
+        g = tl.load(psf_ptr + offs, mask=mask, other=0).to(ACC)
+    tl.store(p_ptr + offs, b, mask=mask)
+    if HAS_PSF:
+        psf = _rounded(g_sam - g, psf_ptr)
+        tl.store(psf_ptr + offs, psf, mask=mask)
+        _psf_stats(part_ptr, pid, nprog, offs, mask, stat_start, g, psf.to(ACC))
 
 
 @triton.jit
 def _restore_kernel(p_ptr, backup_ptr, gs_ptr, psf_ptr, part_ptr, n, stat_start, table_ptr, nseg, nblocks,
                     HAS_PSF: tl.constexpr, LIST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     if LIST:
         seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
         n = tl.load(table_ptr + nseg + 1 + seg)
-        offs = (pid - tl.load(table_ptr + seg)) * BLOCK + tl.arange(0, BLOCK)
+        start = (pid - tl.load(table_ptr + seg)) * BLOCK
         addr = table_ptr + 2 * nseg + 1 + nblocks + seg
-        p_ptr = tl.load(addr).to(p_ptr.dtype)
-        backup_ptr = tl.load(addr + nseg).to(backup_ptr.dtype)
+        p_addr = tl.load(addr)
+        b_addr = tl.load(addr + nseg)
+        gs_addr = p_addr
+        psf_addr = p_addr
         if HAS_PSF:
-            gs_ptr = tl.load(addr + 2 * nseg).to(gs_ptr.dtype)
-            psf_ptr = tl.load(addr + 3 * nseg).to(psf_ptr.dtype)
+            gs_addr = tl.load(addr + 2 * nseg)
+            psf_addr = tl.load(addr + 3 * nseg)
+        p_ptr = p_addr.to(p_ptr.dtype)
+        backup_ptr = b_addr.to(backup_ptr.dtype)
+        gs_ptr = gs_addr.to(gs_ptr.dtype)
+        psf_ptr = psf_addr.to(psf_ptr.dtype)
         stat_start = tl.where(seg >= stat_start, 0, n)     # stat_first: all of the tensor or none
+        fast = (((p_addr | b_addr | gs_addr | psf_addr) & 15) == 0) & (start + BLOCK <= n)
     else:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    tl.store(p_ptr + offs, tl.load(backup_ptr + offs, mask=mask, other=0), mask=mask)
-    if HAS_PSF:
-        g_sam = tl.load(gs_ptr + offs, mask=mask, other=0).to(ACC)
-        s_g, s_psf = _psf_and_stats(offs, mask, g_sam, psf_ptr, stat_start, ACC)
-        tl.store(part_ptr + pid, s_g)
-        tl.store(part_ptr + tl.num_programs(0) + pid, s_psf)
+        start = pid.to(tl.int64) * BLOCK
+        fast = start + BLOCK <= n
+    offs = start + tl.arange(0, BLOCK)
+    if fast:
+        if LIST:
+            _restore_tile(tl.multiple_of(p_ptr, 16), tl.multiple_of(backup_ptr, 16), tl.multiple_of(gs_ptr, 16),
+                          tl.multiple_of(psf_ptr, 16), part_ptr, pid, nprog, offs, tl.full([BLOCK], 1, tl.int1), stat_start,
+                          HAS_PSF, ACC)
+        else:
+            _restore_tile(p_ptr, backup_ptr, gs_ptr, psf_ptr, part_ptr, pid, nprog, offs, tl.full([BLOCK], 1, tl.int1),
+                          stat_start, HAS_PSF, ACC)
+    else:
+        _restore_tile(p_ptr, backup_ptr, gs_ptr, psf_ptr, part_ptr, pid, nprog, offs, offs < n, stat_start, HAS_PSF,
+                      ACC)
 
 
 def _stats_scratch(programs: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -694,23 +819,39 @@ def restore_psf_stats_list(params: Sequence[torch.Tensor], backups: Sequence[tor
 # --------------------------------------------------------------------------------------------
 
 @triton.jit
-def _reuse_kernel(g_ptr, psf_ptr, n, coeff_hi, coeff_mid, coeff_lo, table_ptr, nseg, nblocks,
-                  LIST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    if LIST:
-        seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
-        n = tl.load(table_ptr + nseg + 1 + seg)
-        offs = (pid - tl.load(table_ptr + seg)) * BLOCK + tl.arange(0, BLOCK)
-        addr = table_ptr + 2 * nseg + 1 + nblocks + seg
-        g_ptr = tl.load(addr).to(g_ptr.dtype)
-        psf_ptr = tl.load(addr + nseg).to(psf_ptr.dtype)
-    else:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    coeff = tl.cast(coeff_hi, ACC) + tl.cast(coeff_mid, ACC) + tl.cast(coeff_lo, ACC)
+def _reuse_tile(g_ptr, psf_ptr, offs, mask, coeff, ACC: tl.constexpr):
     g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
     psf = tl.load(psf_ptr + offs, mask=mask, other=0).to(ACC)
     tl.store(g_ptr + offs, _rounded(g + coeff * psf, g_ptr), mask=mask)
+
+
+@triton.jit
+def _reuse_kernel(g_ptr, psf_ptr, n, coeff_hi, coeff_mid, coeff_lo, table_ptr, nseg, nblocks,
+                  LIST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    coeff = tl.cast(coeff_hi, ACC) + tl.cast(coeff_mid, ACC) + tl.cast(coeff_lo, ACC)
+    if LIST:
+        seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
+        n = tl.load(table_ptr + nseg + 1 + seg)
+        start = (pid - tl.load(table_ptr + seg)) * BLOCK
+        addr = table_ptr + 2 * nseg + 1 + nblocks + seg
+        g_addr = tl.load(addr)
+        psf_addr = tl.load(addr + nseg)
+        g_ptr = g_addr.to(g_ptr.dtype)
+        psf_ptr = psf_addr.to(psf_ptr.dtype)
+        fast = (((g_addr | psf_addr) & 15) == 0) & (start + BLOCK <= n)
+    else:
+        start = pid.to(tl.int64) * BLOCK
+        fast = start + BLOCK <= n
+    offs = start + tl.arange(0, BLOCK)
+    if fast:
+        if LIST:
+            _reuse_tile(tl.multiple_of(g_ptr, 16), tl.multiple_of(psf_ptr, 16), offs, tl.full([BLOCK], 1, tl.int1), coeff,
+                        ACC)
+        else:
+            _reuse_tile(g_ptr, psf_ptr, offs, tl.full([BLOCK], 1, tl.int1), coeff, ACC)
+    else:
+        _reuse_tile(g_ptr, psf_ptr, offs, offs < n, coeff, ACC)
 
 
 def _reuse(g, psf, coeff, grid, n, table, nseg, nblocks, block) -> None:
@@ -754,29 +895,47 @@ def _mode(psf, backup, coeff: float) -> int:
 
 
 @triton.jit
-def _final_grad(offs, mask, p_ptr, g_ptr, psf_ptr, backup_ptr, coeff, stat_start,
-                MODE: tl.constexpr, MAXIMIZE: tl.constexpr, ACC: tl.constexpr):
-    """(weights, final gradient, partial sum g^2, partial sum PSF^2) of one block, as in
-    ``reference._final_grad``: in restore modes the weights come from ``backup`` (the caller
-    stores the stepped weights into ``param``) and the gradient is ``grad`` (= g_sam); in reuse
-    mode it is ``grad + coeff * psf``. The grad buffer is never written."""
+def _sgd_tile(p_ptr, g_ptr, buf_ptr, psf_ptr, backup_ptr, part_ptr, pid, nprog, offs, mask, stat_start,
+              coeff, lr, weight_decay, momentum, one_minus_dampening,
+              MODE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+              MAXIMIZE: tl.constexpr, FIRST: tl.constexpr, ACC: tl.constexpr):
+    """One block of the SGD step. The final gradient as in ``reference._final_grad``: in
+    restore modes the weights come from ``backup`` (the stepped weights go to ``param``) and the
+    gradient is ``grad`` (= g_sam), with psf <- g_sam - psf (psf held g) and the statistics in
+    _RESTORE_PSF; in reuse mode it is ``grad + coeff * psf``. The grad buffer is never written."""
     g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
-    s_g = 0.0
-    s_psf = 0.0
-    if MODE >= 2:                                         # _RESTORE, _RESTORE_PSF
+    if MODE >= 2:                                              # _RESTORE, _RESTORE_PSF
         w = tl.load(backup_ptr + offs, mask=mask, other=0).to(ACC)
-        if MODE == 3:
-            s_g, s_psf = _psf_and_stats(offs, mask, g, psf_ptr, stat_start, ACC)
-        d = g
     else:
         w = tl.load(p_ptr + offs, mask=mask, other=0).to(ACC)
-        if MODE == 1:
-            d = g + coeff * tl.load(psf_ptr + offs, mask=mask, other=0).to(ACC)
-        else:
-            d = g
+    if MODE == 1 or MODE == 3:                                 # reuse: the PSF; restore: the kept g
+        q = tl.load(psf_ptr + offs, mask=mask, other=0).to(ACC)
+    if MOMENTUM and not FIRST:
+        buf_old = tl.load(buf_ptr + offs, mask=mask, other=0).to(ACC)
+    if MODE == 3:
+        psf = _rounded(g - q, psf_ptr)
+        tl.store(psf_ptr + offs, psf, mask=mask)
+    if MODE == 1:
+        d = g + coeff * q
+    else:
+        d = g
     if MAXIMIZE:
         d = -d
-    return w, d, s_g, s_psf
+    if WEIGHT_DECAY:
+        d = d + weight_decay * w
+    if MOMENTUM:
+        if FIRST:
+            buf = d
+        else:
+            buf = momentum * buf_old + one_minus_dampening * d
+        tl.store(buf_ptr + offs, _rounded(buf, buf_ptr), mask=mask)
+        if NESTEROV:
+            d = d + momentum * buf
+        else:
+            d = buf
+    tl.store(p_ptr + offs, _rounded(w - lr * d, p_ptr), mask=mask)
+    if MODE == 3:
+        _psf_stats(part_ptr, pid, nprog, offs, mask, stat_start, q, psf.to(ACC))
 
 
 @triton.jit
@@ -792,41 +951,48 @@ def _sgd_kernel(p_ptr, g_ptr, buf_ptr, psf_ptr, backup_ptr, part_ptr, n, stat_st
     momentum = tl.cast(mom_hi, ACC) + tl.cast(mom_mid, ACC) + tl.cast(mom_lo, ACC)
     one_minus_dampening = tl.cast(damp_hi, ACC) + tl.cast(damp_mid, ACC) + tl.cast(damp_lo, ACC)
     pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     if LIST:
         seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
         n = tl.load(table_ptr + nseg + 1 + seg)
-        offs = (pid - tl.load(table_ptr + seg)) * BLOCK + tl.arange(0, BLOCK)
+        start = (pid - tl.load(table_ptr + seg)) * BLOCK
         addr = table_ptr + 2 * nseg + 1 + nblocks + seg
-        p_ptr = tl.load(addr).to(p_ptr.dtype)
-        g_ptr = tl.load(addr + nseg).to(g_ptr.dtype)
+        p_addr = tl.load(addr)
+        g_addr = tl.load(addr + nseg)
+        buf_addr = p_addr
+        psf_addr = p_addr
+        backup_addr = p_addr
         if MOMENTUM:
-            buf_ptr = tl.load(addr + 2 * nseg).to(buf_ptr.dtype)
+            buf_addr = tl.load(addr + 2 * nseg)
         if MODE == 1 or MODE == 3:                             # _REUSE, _RESTORE_PSF
-            psf_ptr = tl.load(addr + 3 * nseg).to(psf_ptr.dtype)
+            psf_addr = tl.load(addr + 3 * nseg)
         if MODE >= 2:
-            backup_ptr = tl.load(addr + 4 * nseg).to(backup_ptr.dtype)
+            backup_addr = tl.load(addr + 4 * nseg)
+        p_ptr = p_addr.to(p_ptr.dtype)
+        g_ptr = g_addr.to(g_ptr.dtype)
+        buf_ptr = buf_addr.to(buf_ptr.dtype)
+        psf_ptr = psf_addr.to(psf_ptr.dtype)
+        backup_ptr = backup_addr.to(backup_ptr.dtype)
         stat_start = tl.where(seg >= stat_start, 0, n)     # stat_first: all of the tensor or none
+        fast = (((p_addr | g_addr | buf_addr | psf_addr | backup_addr) & 15) == 0) & (start + BLOCK <= n)
     else:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    w, d, s_g, s_psf = _final_grad(offs, mask, p_ptr, g_ptr, psf_ptr, backup_ptr, coeff, stat_start,
-                                   MODE, MAXIMIZE, ACC)
-    if MODE == 3:
-        tl.store(part_ptr + pid, s_g)
-        tl.store(part_ptr + tl.num_programs(0) + pid, s_psf)
-    if WEIGHT_DECAY:
-        d = d + weight_decay * w
-    if MOMENTUM:
-        if FIRST:
-            buf = d
+        start = pid.to(tl.int64) * BLOCK
+        fast = start + BLOCK <= n
+    offs = start + tl.arange(0, BLOCK)
+    if fast:
+        if LIST:
+            _sgd_tile(tl.multiple_of(p_ptr, 16), tl.multiple_of(g_ptr, 16), tl.multiple_of(buf_ptr, 16),
+                      tl.multiple_of(psf_ptr, 16), tl.multiple_of(backup_ptr, 16), part_ptr, pid, nprog, offs,
+                      tl.full([BLOCK], 1, tl.int1), stat_start, coeff, lr, weight_decay, momentum, one_minus_dampening,
+                      MODE, WEIGHT_DECAY, MOMENTUM, NESTEROV, MAXIMIZE, FIRST, ACC)
         else:
-            buf = momentum * tl.load(buf_ptr + offs, mask=mask, other=0).to(ACC) + one_minus_dampening * d
-        tl.store(buf_ptr + offs, _rounded(buf, buf_ptr), mask=mask)
-        if NESTEROV:
-            d = d + momentum * buf
-        else:
-            d = buf
-    tl.store(p_ptr + offs, _rounded(w - lr * d, p_ptr), mask=mask)
+            _sgd_tile(p_ptr, g_ptr, buf_ptr, psf_ptr, backup_ptr, part_ptr, pid, nprog, offs, tl.full([BLOCK], 1, tl.int1),
+                      stat_start, coeff, lr, weight_decay, momentum, one_minus_dampening,
+                      MODE, WEIGHT_DECAY, MOMENTUM, NESTEROV, MAXIMIZE, FIRST, ACC)
+    else:
+        _sgd_tile(p_ptr, g_ptr, buf_ptr, psf_ptr, backup_ptr, part_ptr, pid, nprog, offs, offs < n, stat_start,
+                  coeff, lr, weight_decay, momentum, one_minus_dampening,
+                  MODE, WEIGHT_DECAY, MOMENTUM, NESTEROV, MAXIMIZE, FIRST, ACC)
 
 
 def _sgd(p, g, buf, psf, backup, coeff, stat_start, lr, weight_decay, momentum, dampening, nesterov, maximize,
@@ -895,6 +1061,40 @@ def sgd_step_list(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
 
 
 @triton.jit
+def _adamw_tile(p_ptr, g_ptr, m_ptr, v_ptr, psf_ptr, backup_ptr, part_ptr, pid, nprog, offs, mask, stat_start,
+                coeff, decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+                MODE: tl.constexpr, MAXIMIZE: tl.constexpr, ACC: tl.constexpr):
+    """One block of the AdamW step; the final gradient as in ``_sgd_tile``."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
+    if MODE >= 2:                                              # _RESTORE, _RESTORE_PSF
+        w = tl.load(backup_ptr + offs, mask=mask, other=0).to(ACC)
+    else:
+        w = tl.load(p_ptr + offs, mask=mask, other=0).to(ACC)
+    if MODE == 1 or MODE == 3:                                 # reuse: the PSF; restore: the kept g
+        q = tl.load(psf_ptr + offs, mask=mask, other=0).to(ACC)
+    m = tl.load(m_ptr + offs, mask=mask, other=0).to(ACC)
+    v = tl.load(v_ptr + offs, mask=mask, other=0).to(ACC)
+    if MODE == 3:
+        psf = _rounded(g - q, psf_ptr)
+        tl.store(psf_ptr + offs, psf, mask=mask)
+    if MODE == 1:
+        d = g + coeff * q
+    else:
+        d = g
+    if MAXIMIZE:
+        d = -d
+    w = w * decay                                                           # decoupled weight decay
+    m = m + one_minus_beta1 * (d - m)                                       # torch's lerp
+    v = beta2 * v + one_minus_beta2 * d * d
+    tl.store(m_ptr + offs, _rounded(m, m_ptr), mask=mask)
+    tl.store(v_ptr + offs, _rounded(v, v_ptr), mask=mask)
+    denom = _div_rn(_sqrt_rn(v), bc2_sqrt) + eps
+    tl.store(p_ptr + offs, _rounded(w - _div_rn(step_size * m, denom), p_ptr), mask=mask)
+    if MODE == 3:
+        _psf_stats(part_ptr, pid, nprog, offs, mask, stat_start, q, psf.to(ACC))
+
+
+@triton.jit
 def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, psf_ptr, backup_ptr, part_ptr, n, stat_start,
                   coeff_hi, coeff_mid, coeff_lo, decay_hi, decay_mid, decay_lo, b1c_hi, b1c_mid, b1c_lo,
                   beta2_hi, beta2_mid, beta2_lo, b2c_hi, b2c_mid, b2c_lo,
@@ -911,37 +1111,48 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, psf_ptr, backup_ptr, part_ptr, n, 
     bc2_sqrt = tl.cast(bc2_sqrt_hi, ACC) + tl.cast(bc2_sqrt_mid, ACC) + tl.cast(bc2_sqrt_lo, ACC)
     eps = tl.cast(eps_hi, ACC) + tl.cast(eps_mid, ACC) + tl.cast(eps_lo, ACC)
     pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     if LIST:
         seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
         n = tl.load(table_ptr + nseg + 1 + seg)
-        offs = (pid - tl.load(table_ptr + seg)) * BLOCK + tl.arange(0, BLOCK)
+        start = (pid - tl.load(table_ptr + seg)) * BLOCK
         addr = table_ptr + 2 * nseg + 1 + nblocks + seg
-        p_ptr = tl.load(addr).to(p_ptr.dtype)
-        g_ptr = tl.load(addr + nseg).to(g_ptr.dtype)
-        m_ptr = tl.load(addr + 2 * nseg).to(m_ptr.dtype)
-        v_ptr = tl.load(addr + 3 * nseg).to(v_ptr.dtype)
+        p_addr = tl.load(addr)
+        g_addr = tl.load(addr + nseg)
+        m_addr = tl.load(addr + 2 * nseg)
+        v_addr = tl.load(addr + 3 * nseg)
+        psf_addr = p_addr
+        backup_addr = p_addr
         if MODE == 1 or MODE == 3:                             # _REUSE, _RESTORE_PSF
-            psf_ptr = tl.load(addr + 4 * nseg).to(psf_ptr.dtype)
+            psf_addr = tl.load(addr + 4 * nseg)
         if MODE >= 2:
-            backup_ptr = tl.load(addr + 5 * nseg).to(backup_ptr.dtype)
+            backup_addr = tl.load(addr + 5 * nseg)
+        p_ptr = p_addr.to(p_ptr.dtype)
+        g_ptr = g_addr.to(g_ptr.dtype)
+        m_ptr = m_addr.to(m_ptr.dtype)
+        v_ptr = v_addr.to(v_ptr.dtype)
+        psf_ptr = psf_addr.to(psf_ptr.dtype)
+        backup_ptr = backup_addr.to(backup_ptr.dtype)
         stat_start = tl.where(seg >= stat_start, 0, n)     # stat_first: all of the tensor or none
+        fast = (((p_addr | g_addr | m_addr | v_addr | psf_addr | backup_addr) & 15) == 0) & (start + BLOCK <= n)
     else:
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    w, d, s_g, s_psf = _final_grad(offs, mask, p_ptr, g_ptr, psf_ptr, backup_ptr, coeff, stat_start,
-                                   MODE, MAXIMIZE, ACC)
-    if MODE == 3:
-        tl.store(part_ptr + pid, s_g)
-        tl.store(part_ptr + tl.num_programs(0) + pid, s_psf)
-    w = w * decay                                                           # decoupled weight decay
-    m = tl.load(m_ptr + offs, mask=mask, other=0).to(ACC)
-    m = m + one_minus_beta1 * (d - m)                                       # torch's lerp
-    v = tl.load(v_ptr + offs, mask=mask, other=0).to(ACC)
-    v = beta2 * v + one_minus_beta2 * d * d
-    tl.store(m_ptr + offs, _rounded(m, m_ptr), mask=mask)
-    tl.store(v_ptr + offs, _rounded(v, v_ptr), mask=mask)
-    denom = _div_rn(_sqrt_rn(v), bc2_sqrt) + eps
-    tl.store(p_ptr + offs, _rounded(w - _div_rn(step_size * m, denom), p_ptr), mask=mask)
+        start = pid.to(tl.int64) * BLOCK
+        fast = start + BLOCK <= n
+    offs = start + tl.arange(0, BLOCK)
+    if fast:
+        if LIST:
+            _adamw_tile(tl.multiple_of(p_ptr, 16), tl.multiple_of(g_ptr, 16), tl.multiple_of(m_ptr, 16),
+                        tl.multiple_of(v_ptr, 16), tl.multiple_of(psf_ptr, 16), tl.multiple_of(backup_ptr, 16),
+                        part_ptr, pid, nprog, offs, tl.full([BLOCK], 1, tl.int1), stat_start, coeff, decay, one_minus_beta1,
+                        beta2, one_minus_beta2, step_size, bc2_sqrt, eps, MODE, MAXIMIZE, ACC)
+        else:
+            _adamw_tile(p_ptr, g_ptr, m_ptr, v_ptr, psf_ptr, backup_ptr, part_ptr, pid, nprog, offs,
+                        tl.full([BLOCK], 1, tl.int1), stat_start, coeff, decay, one_minus_beta1, beta2, one_minus_beta2,
+                        step_size, bc2_sqrt, eps, MODE, MAXIMIZE, ACC)
+    else:
+        _adamw_tile(p_ptr, g_ptr, m_ptr, v_ptr, psf_ptr, backup_ptr, part_ptr, pid, nprog, offs, offs < n,
+                    stat_start, coeff, decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
+                    MODE, MAXIMIZE, ACC)
 
 
 def _adamw(p, g, m, v, psf, backup, coeff, stat_start, lr, beta1, beta2, eps, weight_decay, step, maximize,
