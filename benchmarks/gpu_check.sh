@@ -45,6 +45,20 @@
 #                      leave a phase out (e.g. to split the run: one call for build + tests, one for
 #                      --skip-build --skip-tests with the same --out)
 #   --summary-only DIR just print (and rewrite) the summary of an existing output folder
+#   --issue15          the focused check of issue 15 instead of the full run (~6 min on an H200,
+#                      ~10 with --baseline): build; tests of the changed kernels
+#                      (test_segment_launches.py, test_cuda.py, test_triton_lists.py); bench_kernels
+#                      segment_sumsq, perturb+keep and sgd+restore at 64M x 1, 161, 1024 tensors
+#                      (cuda, triton, foreach); bench_step sgd, sam, vsam_sampling at ResNet-50 and
+#                      GPT-2 (cuda, triton, their in_place forms, foreach); the probe (host time,
+#                      stream time and the kernels' own device time per step at ResNet-50, and the
+#                      slowest kernels with their GB/s: is a step host-bound or which kernel is
+#                      slow); then the verdict against the targets (segment_sumsq >= 90 % of copy
+#                      on both GPU backends at every tensor count; triton vsam_sampling at
+#                      ResNet-50 >= 90 %). Writes OUT/issue15.md.
+#   --baseline REV     with --issue15: also build REV (git archive into OUT/baseline/src; e.g. the
+#                      commit before the issue-15 changes, c52413f^) and run the same benchmarks
+#                      and probe with it on the same machine; the verdict shows both
 #   --test-timeout S   limit of the test phase in seconds (default 3600); --bench-timeout S: of each
 #                      benchmark (default 1200); a phase past its limit is killed and marked rc 124
 #   -h, --help         this text
@@ -58,6 +72,7 @@ die() { echo "gpu_check: ERROR: $1" >&2; exit "${2:-1}"; }
 
 QUICK=0 ALLOW_CPU=0 OUT="" JOBS="" TESTS_ARGS="" KERNELS_ARGS="" STEP_ARGS="" TRAIN_ARGS=""
 SKIP_BUILD=0 SKIP_TESTS=0 SKIP_BENCH=0 SUMMARY_ONLY="" TEST_TIMEOUT=3600 BENCH_TIMEOUT=1200
+ISSUE15=0 BASELINE=""
 ORIG_ARGS=("$@")
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -75,6 +90,8 @@ while [ $# -gt 0 ]; do
     --summary-only) SUMMARY_ONLY="${2:?--summary-only needs a folder}"; shift ;;
     --test-timeout) TEST_TIMEOUT="${2:?}"; shift ;;
     --bench-timeout) BENCH_TIMEOUT="${2:?}"; shift ;;
+    --issue15) ISSUE15=1 ;;
+    --baseline) BASELINE="${2:?--baseline needs a git revision}"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_check: unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -92,9 +109,15 @@ else
   [ -n "$PY" ] || die "no python that imports torch among python, python3, .venv/bin/python; set PYTHON=/path/to/python" 2
 fi
 command -v "$PY" >/dev/null 2>&1 || die "no python interpreter ($PY); set PYTHON=/path/to/python" 2
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac   # absolute: phases cd elsewhere
 
 if [ -n "$SUMMARY_ONLY" ]; then
   exec "$PY" benchmarks/gpu_summary.py "$SUMMARY_ONLY"
+fi
+[ -z "$BASELINE" ] || [ "$ISSUE15" = 1 ] || die "--baseline goes with --issue15" 2
+[ "$ISSUE15" = 0 ] || [ "$QUICK" = 0 ] || die "--issue15 and --quick exclude each other" 2
+if [ -n "$BASELINE" ]; then
+  git rev-parse --verify --quiet "$BASELINE^{commit}" >/dev/null || die "--baseline $BASELINE: not a git revision here" 2
 fi
 
 OUT="${OUT:-runs/gpu-check-$(date -u +%Y%m%d-%H%M%S)}"
@@ -185,7 +208,9 @@ if [ -z "$JOBS" ]; then
   if [ "$QUICK" = 1 ]; then JOBS=1; else JOBS=$(( NPROC < 8 ? NPROC : 8 )); fi
 fi
 
-if [ "$QUICK" = 1 ]; then
+if [ "$ISSUE15" = 1 ]; then
+  log "plan ($MODE, --issue15): build, three test files, segment_sumsq and the vSAM sampling step's kernels and steps, the probe${BASELINE:+, all of it again for $BASELINE}"
+elif [ "$QUICK" = 1 ]; then
   log "plan ($MODE, --quick): $([ "$MODE" = gpu ] && echo "build, ")two test files, tiny benchmarks: a smoke run of a few minutes, not a measurement"
 else
   log "plan ($MODE): build ~1 min, the whole test suite with $JOBS workers (10-30 min), benchmarks ~6 min on an H200"
@@ -209,6 +234,175 @@ elif [ "$MODE" = gpu ]; then
 else
   record build skip 0 "no GPU: no CUDA build; the CPU build is pip install -e ."
 fi
+
+# --issue15: the probe (argv: source root, device, output JSON). Per optimizer step at ResNet-50
+# shapes (ResNet-18 on a CPU): the host's time to issue it (no sync), the stream's time for
+# steps back to back (CUDA events), and the kernels' own device time (torch.profiler, CUDA
+# activity): host >= stream means host-bound; stream >> kernels means gaps between kernels;
+# the kernels' time against the step's bytes is their efficiency. Then the kernels of each
+# vsam_sampling row with their time per step. A missing profiler is reported, not fatal.
+PROBE_PY="$(cat <<'EOF'
+import json, math, os, sys, time
+root, dev, out = sys.argv[1], sys.argv[2], sys.argv[3]
+sys.path[:0] = [root, os.path.join(root, 'benchmarks')]
+import torch
+import vsam_ext
+import bench_step as B
+import model_shapes
+
+device = torch.device(dev)
+cuda = device.type == 'cuda'
+print('probe: vsam_ext from', os.path.dirname(vsam_ext.__file__))
+try:
+    import vsam_ext._C as _ext
+    print('probe: vsam_ext._C from', _ext.__file__)
+except ImportError as exc:
+    print('probe: no vsam_ext._C:', exc)
+have = vsam_ext.available_backends()
+backends = [b for b in (('cuda', 'triton') if cuda else ('cpu',)) if b in have]
+backends += [b + '/in_place' for b in list(backends)]
+model = 'resnet50' if cuda else 'resnet18'
+shapes = model_shapes.param_shapes(model)
+nparam = sum(math.prod(x) for x in shapes)
+sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+
+def stream_ms(fn, n):
+    sync()
+    if cuda:
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(n):
+            fn()
+        e1.record()
+        torch.cuda.synchronize()
+        return e0.elapsed_time(e1) / n
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+src = torch.randn((64 << 20) if cuda else (4 << 20), device=device)
+dst = torch.empty_like(src)
+for _ in range(3):
+    dst.copy_(src)
+copy_gbps = 2 * src.numel() * 4 / stream_ms(lambda: dst.copy_(src), 20) / 1e6
+del src, dst
+print(f'probe: copy bandwidth {copy_gbps:.0f} GB/s; {model}: {nparam / 1e6:.1f} M parameters, {len(shapes)} tensors')
+if not cuda:
+    print('probe: on a CPU the host and the stream are one clock: host- or device-bound means nothing here')
+rows = []
+for backend in backends:
+    for step, bpp in (('sgd', 20), ('sam', 44), ('vsam_sampling', 56)):
+        try:
+            fn = B.build_ours(step, backend, shapes, device)
+        except Exception as exc:  # noqa: BLE001
+            print(f'probe: {backend} {step}: not built ({exc})')
+            continue
+        for _ in range(5):
+            fn()
+        sync()
+        n = 20
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        host = (time.perf_counter() - t0) / n * 1e3
+        stream = stream_ms(fn, n)
+        busy, kernels = None, []
+        if cuda:
+            try:
+                from torch.profiler import profile, ProfilerActivity
+                sync()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(n):
+                        fn()
+                    sync()
+                total = 0.0
+                for ev in prof.key_averages():
+                    t = getattr(ev, 'self_device_time_total', None)
+                    if t is None:
+                        t = getattr(ev, 'self_cuda_time_total', 0.0)
+                    if t:
+                        total += t
+                        kernels.append((t / n / 1e3, ev.count / n, ev.key))
+                busy = total / n / 1e3
+                kernels.sort(reverse=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f'probe: profiler unavailable: {exc}')
+        nbytes = bpp * nparam
+        row = dict(backend=backend, step=step, host_ms=host, stream_ms=stream, kernels_ms=busy,
+                   pct_copy_stream=100 * nbytes / stream / 1e6 / copy_gbps,
+                   pct_copy_kernels=None if not busy else 100 * nbytes / busy / 1e6 / copy_gbps,
+                   bound='host' if host >= 0.9 * stream else 'device',
+                   kernels=[dict(ms=k[0], calls=k[1], name=k[2][:100]) for k in kernels[:12]])
+        rows.append(row)
+        ks = '-' if row['pct_copy_kernels'] is None else f'{busy:.3f} ms ({row["pct_copy_kernels"]:.0f}%)'
+        print(f'probe: {backend:16s} {step:14s} host {host:7.3f} ms  stream {stream:7.3f} ms '
+              f'({row["pct_copy_stream"]:3.0f}% of copy)  kernels {ks}  {row["bound"]}-bound')
+        del fn
+        if cuda:
+            torch.cuda.empty_cache()
+for r in rows:
+    if r['step'] == 'vsam_sampling' and r['kernels']:
+        print(f'probe: {r["backend"]} vsam_sampling, device time per step by kernel:')
+        for k in r['kernels']:
+            print(f'probe:     {k["ms"]:7.3f} ms  x{k["calls"]:.0f}  {k["name"]}')
+with open(out, 'w') as f:
+    json.dump(dict(copy_gbps=copy_gbps, model=model, params=nparam, rows=rows), f, indent=1)
+EOF
+)"
+
+# --issue15: the verdict (argv: OUT) from the bench CSVs of the run and of the baseline.
+VERDICT_PY="$(cat <<'EOF'
+import csv, glob, os, sys
+out = sys.argv[1]
+
+
+def rows(folder, name):
+    f = sorted(glob.glob(os.path.join(folder, name + '_*.csv')))
+    return list(csv.DictReader(open(f[0]))) if f else []
+
+
+def num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
+runs = [('now', os.path.join(out, 'bench')), ('baseline', os.path.join(out, 'baseline', 'bench'))]
+runs = [(label, d) for label, d in runs if os.path.isdir(d)]
+table = {}
+for label, d in runs:
+    for r in rows(d, 'bench_kernels'):
+        if r['op'] in ('segment_sumsq', 'perturb+keep', 'sgd+restore') and (num(r['params']) or 0) >= 50e6:
+            table.setdefault((r['op'], r['impl'], 'x' + r['layers'] + ' tensors'), {})[label] = num(r['pct_copy'])
+    for r in rows(d, 'bench_step'):
+        if r['step'] in ('sgd', 'sam', 'vsam_sampling'):
+            table.setdefault((r['step'], r['impl'], r['model']), {})[label] = num(r['pct_copy'])
+labels = [label for label, _ in runs]
+print('## Issue 15: % of the copy bandwidth; targets >= 90 %')
+print()
+print('| op / step | impl | at | ' + ' | '.join(labels) + ' | target | met |')
+print('| --- | --- | --- | ' + ' | '.join('---:' for _ in labels) + ' | --- | --- |')
+missed = 0
+for (op, impl, at), v in sorted(table.items()):
+    target = None
+    if op == 'segment_sumsq' and impl in ('vsam_ext[cuda]', 'vsam_ext[triton]'):
+        target = 90
+    if op == 'vsam_sampling' and impl == 'vsam_ext[triton]' and at == 'resnet50':
+        target = 90
+    now = v.get('now')
+    met = '' if target is None else ('yes' if now is not None and now >= target else 'NO')
+    missed += met == 'NO'
+    cells = ['-' if v.get(label) is None else f'{v[label]:.0f}%' for label in labels]
+    print(f'| {op} | {impl} | {at} | ' + ' | '.join(cells) + f' | {">= %d%%" % target if target else "-"} | {met} |')
+print()
+print(f'targets missed: {missed}' if table else 'no benchmark output to judge')
+sys.exit(1 if missed or not table else 0)
+EOF
+)"
 
 BACKENDS_PY='
 import sys, vsam_ext
@@ -241,6 +435,8 @@ record backends 0 0 "$BACKENDS"
 if [ "$SKIP_TESTS" = 0 ]; then
   if [ -n "$TESTS_ARGS" ]; then
     read -r -a TARGETS <<< "$TESTS_ARGS"
+  elif [ "$ISSUE15" = 1 ]; then
+    TARGETS=(python_tests/test_segment_launches.py python_tests/test_cuda.py python_tests/test_triton_lists.py)
   elif [ "$QUICK" = 1 ]; then
     TARGETS=(python_tests/test_cuda.py python_tests/test_controller.py)
   else
@@ -261,7 +457,13 @@ fi
 
 # -- benchmarks ----------------------------------------------------------------------------------------
 if [ "$SKIP_BENCH" = 0 ]; then
-  if [ "$MODE" = gpu ] && [ "$QUICK" = 0 ]; then
+  if [ "$ISSUE15" = 1 ]; then
+    K_DEF="--ops segment_sumsq,perturb+keep,sgd+restore --sizes 64M --layers 1,161,1024 --impls cuda,triton,foreach"
+    S_DEF="--models resnet50,gpt2 --steps sgd,sam,vsam_sampling --impls cuda,triton,cuda/in_place,triton/in_place,foreach"
+    [ "$MODE" = gpu ] || { K_DEF="--quick --ops segment_sumsq --sizes 1M --layers 1,161 --impls cpu,foreach --threads 1"
+                           S_DEF="--quick --models resnet18 --steps vsam_sampling --impls cpu,foreach --threads 1"; }
+    T_DEF=""
+  elif [ "$MODE" = gpu ] && [ "$QUICK" = 0 ]; then
     K_DEF="--sizes 64M --layers 1,1024"
     S_DEF=""
     T_DEF="--fixed-batch --models resnet18 --batch 128 --steps 200 --warmup 20 --repeats 2"
@@ -286,8 +488,38 @@ if [ "$SKIP_BENCH" = 0 ]; then
     "$PY" benchmarks/bench_kernels.py --device "$DEV" ${K[@]+"${K[@]}"} --out "$OUT/bench"
   run_phase bench_step "$BENCH_TIMEOUT" "$OUT/bench/bench_step.log" \
     "$PY" benchmarks/bench_step.py --device "$DEV" ${S[@]+"${S[@]}"} --out "$OUT/bench"
-  run_phase bench_train "$BENCH_TIMEOUT" "$OUT/bench/bench_train.log" \
-    "$PY" benchmarks/bench_train.py --device "$DEV" ${T[@]+"${T[@]}"} --out "$OUT/bench"
+  if [ "$ISSUE15" = 1 ]; then
+    record bench_train skip 0 "--issue15"
+    printf '%s\n' "$PROBE_PY" > "$OUT/issue15_probe.py"
+    run_phase probe "$BENCH_TIMEOUT" "$OUT/bench/probe.log" "$PY" "$OUT/issue15_probe.py" "$REPO" "$DEV" \
+      "$OUT/bench/probe.json"
+    if [ -n "$BASELINE" ]; then
+      BASE_SRC="$OUT/baseline/src"
+      rm -rf "$OUT/baseline"
+      mkdir -p "$BASE_SRC" "$OUT/baseline/bench"
+      git archive "$BASELINE" | tar -x -C "$BASE_SRC"
+      meta baseline "$(git rev-parse --short "$BASELINE")"
+      run_phase baseline_build 1800 "$OUT/baseline/build.log" bash -c 'cd "$1" && "$2" setup.py build_ext --inplace' \
+        _ "$BASE_SRC" "$PY"
+      # the baseline's benchmarks must load the baseline's extension, not this checkout's (an
+      # editable install of this checkout can resolve vsam_ext._C here)
+      WHERE_C="$(cd "$BASE_SRC" && PYTHONPATH="$BASE_SRC" "$PY" -c 'import vsam_ext._C as c; print(c.__file__)' 2>&1 || true)"
+      case "$WHERE_C" in
+        "$BASE_SRC"/*) record baseline_extension 0 0 "$WHERE_C" ;;
+        *) record baseline_extension 1 0 "vsam_ext._C of the baseline resolves to $WHERE_C"
+           log "baseline: vsam_ext._C is not the baseline's ($WHERE_C): its numbers would not be the baseline's" ;;
+      esac
+      run_phase baseline_bench_kernels "$BENCH_TIMEOUT" "$OUT/baseline/bench/bench_kernels.log" \
+        "$PY" "$BASE_SRC/benchmarks/bench_kernels.py" --device "$DEV" ${K[@]+"${K[@]}"} --out "$OUT/baseline/bench"
+      run_phase baseline_bench_step "$BENCH_TIMEOUT" "$OUT/baseline/bench/bench_step.log" \
+        "$PY" "$BASE_SRC/benchmarks/bench_step.py" --device "$DEV" ${S[@]+"${S[@]}"} --out "$OUT/baseline/bench"
+      run_phase baseline_probe "$BENCH_TIMEOUT" "$OUT/baseline/bench/probe.log" \
+        "$PY" "$OUT/issue15_probe.py" "$BASE_SRC" "$DEV" "$OUT/baseline/bench/probe.json"
+    fi
+  else
+    run_phase bench_train "$BENCH_TIMEOUT" "$OUT/bench/bench_train.log" \
+      "$PY" benchmarks/bench_train.py --device "$DEV" ${T[@]+"${T[@]}"} --out "$OUT/bench"
+  fi
 else
   record bench skip 0 "--skip-bench"
 fi
@@ -296,6 +528,11 @@ fi
 echo
 RC=0
 summary || RC=$?
+if [ "$ISSUE15" = 1 ]; then
+  echo
+  printf '%s\n' "$VERDICT_PY" > "$OUT/issue15_verdict.py"
+  "$PY" "$OUT/issue15_verdict.py" "$OUT" | tee "$OUT/issue15.md" || RC=1
+fi
 if awk -F'\t' '$2 != "0" && $2 != "skip" { bad = 1 } END { exit !bad }' "$PHASES"; then
   RC=1
 fi
