@@ -15,15 +15,24 @@
 
 namespace {
 
-// An element in the maths dtype (load) and back, rounded once (store). With F16C (the avx2 set)
-// half precision converts in hardware, to nearest even as c10::Half does in software: the same
-// bits for every finite value and infinity (a NaN stays a NaN; its payload may differ).
+// An element in the maths dtype (load) and back, rounded once (store), and written (put).
 template <typename T>
 inline acc_t<T> load(T x) { return static_cast<acc_t<T>>(x); }
 template <typename T>
 inline T store(acc_t<T> v) { return static_cast<T>(v); }
-// bfloat16 as c10::BFloat16 converts it (round to nearest even, NaN -> 0x7FC0), written without
-// a branch so that loops holding it vectorise.
+
+// Half and bfloat16 are structs in C++; writing their 16 bits, rather than copying the struct, is
+// what lets the compiler vectorise the loops that store them.
+template <typename T>
+inline void put(T& dst, T v) { dst = v; }
+inline void put(c10::Half& dst, c10::Half v) { dst.x = v.x; }
+inline void put(c10::BFloat16& dst, c10::BFloat16 v) { dst.x = v.x; }
+
+// bfloat16 as c10::BFloat16 converts it (round to nearest even, NaN -> 0x7FC0), and half as
+// c10::Half converts it without F16C (the FP16 library's exact bit arithmetic, round to nearest
+// even, NaN -> 0x7E00), written with selects instead of branches so that the loops holding them
+// vectorise. The same bits as c10's conversions for every input (test_cpu_capability checks all
+// 65536 half and bfloat16 values).
 inline float load(c10::BFloat16 x) { return c10::bit_cast<float>(static_cast<uint32_t>(x.x) << 16); }
 template <>
 inline c10::BFloat16 store<c10::BFloat16>(float v) {
@@ -32,11 +41,42 @@ inline c10::BFloat16 store<c10::BFloat16>(float v) {
   const auto nan = static_cast<uint16_t>(-static_cast<int>(v != v));   // all ones for a NaN
   return c10::BFloat16(static_cast<uint16_t>((rounded & ~nan) | (0x7FC0 & nan)), c10::BFloat16::from_bits());
 }
+
 #if VSAM_CPU_F16C
+// With F16C (the avx2 set) half converts in hardware, to nearest even as the software below:
+// the same bits for every value but NaNs, whose payload F16C keeps where the software makes
+// them canonical. Scalar F16C instructions keep the loops scalar, and are still faster than
+// the software conversion.
 inline float load(c10::Half x) { return _cvtsh_ss(x.x); }
 template <>
 inline c10::Half store<c10::Half>(float v) {
   return c10::Half(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT), c10::Half::from_bits());
+}
+#else
+inline float load(c10::Half h) {
+  const uint32_t w = static_cast<uint32_t>(h.x) << 16;
+  const uint32_t sign = w & UINT32_C(0x80000000);
+  const uint32_t two_w = w + w;
+  const float normal = c10::bit_cast<float>((two_w >> 4) + (UINT32_C(0xE0) << 23)) *
+                       c10::bit_cast<float>(UINT32_C(15) << 23);          // 2^-112
+  const float subnormal = c10::bit_cast<float>((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
+  const uint32_t magnitude =
+      two_w < (UINT32_C(1) << 27) ? c10::bit_cast<uint32_t>(subnormal) : c10::bit_cast<uint32_t>(normal);
+  return c10::bit_cast<float>(sign | magnitude);
+}
+template <>
+inline c10::Half store<c10::Half>(float f) {
+  const float to_inf = c10::bit_cast<float>(UINT32_C(239) << 23), to_zero = c10::bit_cast<float>(UINT32_C(17) << 23);
+  float base = (std::fabs(f) * to_inf) * to_zero;
+  const uint32_t w = c10::bit_cast<uint32_t>(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & UINT32_C(0x80000000);
+  const uint32_t bias = std::max(shl1_w & UINT32_C(0xFF000000), UINT32_C(0x71000000));
+  base = c10::bit_cast<float>((bias >> 1) + UINT32_C(0x07800000)) + base;
+  const uint32_t bits = c10::bit_cast<uint32_t>(base);
+  const uint32_t nonsign = ((bits >> 13) & UINT32_C(0x7C00)) + (bits & UINT32_C(0x0FFF));
+  const uint32_t h = (sign >> 16) | (shl1_w > UINT32_C(0xFF000000) ? UINT32_C(0x7E00) : nonsign);
+  return c10::Half(static_cast<uint16_t>(h), c10::Half::from_bits());
 }
 #endif
 
@@ -186,7 +226,7 @@ Tensor axpby_impl(TensorList y, TensorList x, const Tensor& alpha, const Tensor&
       const scalar_t* xp = xs[pc.t];
       const a_t sa = al[pc.seg], sb = be[pc.seg];
       for (int64_t i = pc.begin; i < pc.end; ++i)
-        yp[i] = store<scalar_t>(sa * load(yp[i]) + sb * load(xp[i]));
+        put(yp[i], store<scalar_t>(sa * load(yp[i]) + sb * load(xp[i])));
       // The piece is still in cache: a second pass over the stored values.
       sums[0] = sumsq_range(pc.begin, pc.end, [&](int64_t i) { return static_cast<double>(load(yp[i])); });
     });
@@ -211,14 +251,14 @@ void perturb_impl(TensorList param, TensorList grad, const Tensor& scale, Tensor
       for (int64_t i = pc.begin; i < pc.end; ++i) {
         const a_t w = load(p[i]);
         const a_t gi = load(g[i]);
-        b[i] = p[i];
-        if (keep) keep[i] = g[i];
+        put(b[i], p[i]);
+        if (keep) put(keep[i], g[i]);
         a_t step = gi * sc;
         if (adaptive) {
           const a_t t = std::abs(w) + e;   // ASAM's T = |w| + eta
           step = step * t * t;
         }
-        p[i] = store<scalar_t>(w + step);
+        put(p[i], store<scalar_t>(w + step));
       }
     });
   });
@@ -233,7 +273,7 @@ void reuse_impl(TensorList grad, TensorList psf, double coeff, const Plan& plan)
       scalar_t* g = gs[pc.t];
       const scalar_t* f = fs[pc.t];
       for (int64_t i = pc.begin; i < pc.end; ++i)
-        g[i] = store<scalar_t>(load(g[i]) + c * load(f[i]));
+        put(g[i], store<scalar_t>(load(g[i]) + c * load(f[i])));
     });
   });
 }
@@ -270,7 +310,7 @@ struct Front {
       if constexpr (kMode == kRestorePsf) {
         const a_t old = load(psf[i]);
         const scalar_t stored = store<scalar_t>(d - old);
-        psf[i] = stored;
+        put(psf[i], stored);
         if constexpr (kStats) {
           const double nv = static_cast<double>(load(stored));
           acc_g += static_cast<double>(old) * static_cast<double>(old);
@@ -347,7 +387,7 @@ struct RestoreBody {
     stat_loop<kStats>(i0, i1, ag, ap, [&](int64_t i, double& lg, double& lp) {
       acc_t<scalar_t> w;
       f.template operator()<kMode, kStats>(i, w, lg, lp);
-      f.p[i] = f.backup[i];
+      put(f.p[i], f.backup[i]);
     });
   }
 };
@@ -372,6 +412,16 @@ struct SgdBody {
 
   template <Mode kMode, bool kStats>
   void run(int64_t t, int64_t i0, int64_t i1, double& ag, double& ap) const {
+    // Nesterov a compile-time choice too: a run-time one left in the loop kept the compiler from
+    // vectorising some of them (bfloat16).
+    if (nesterov)
+      run_as<kMode, kStats, true>(t, i0, i1, ag, ap);
+    else
+      run_as<kMode, kStats, false>(t, i0, i1, ag, ap);
+  }
+
+  template <Mode kMode, bool kStats, bool kNesterov>
+  void run_as(int64_t t, int64_t i0, int64_t i1, double& ag, double& ap) const {
     const Front<scalar_t> f = fs.at(t);
     scalar_t* __restrict__ buf = bufs[t];
     // Loop-invariant choices outside the loops, so each loop body is straight-line code.
@@ -379,22 +429,22 @@ struct SgdBody {
       stat_loop<kStats>(i0, i1, ag, ap, [&](int64_t i, double& lg, double& lp) {
         a_t w;
         const a_t d = f.template operator()<kMode, kStats>(i, w, lg, lp) + wd * w;
-        f.p[i] = store<scalar_t>(w - lr * d);
+        put(f.p[i], store<scalar_t>(w - lr * d));
       });
     } else if (first) {
       stat_loop<kStats>(i0, i1, ag, ap, [&](int64_t i, double& lg, double& lp) {
         a_t w;
         const a_t d = f.template operator()<kMode, kStats>(i, w, lg, lp) + wd * w;
-        buf[i] = store<scalar_t>(d);
-        f.p[i] = store<scalar_t>(w - lr * (nesterov ? d + mom * d : d));
+        put(buf[i], store<scalar_t>(d));
+        put(f.p[i], store<scalar_t>(w - lr * (kNesterov ? d + mom * d : d)));
       });
     } else {
       stat_loop<kStats>(i0, i1, ag, ap, [&](int64_t i, double& lg, double& lp) {
         a_t w;
         const a_t d = f.template operator()<kMode, kStats>(i, w, lg, lp) + wd * w;
         const a_t b = mom * load(buf[i]) + damp1 * d;
-        buf[i] = store<scalar_t>(b);
-        f.p[i] = store<scalar_t>(w - lr * (nesterov ? d + mom * b : b));
+        put(buf[i], store<scalar_t>(b));
+        put(f.p[i], store<scalar_t>(w - lr * (kNesterov ? d + mom * b : b)));
       });
     }
   }
@@ -433,10 +483,10 @@ struct AdamWBody {
       const a_t mi = load(m[i]);
       const a_t m_new = mi + b1c * (d - mi);
       const a_t v_new = b2 * load(v[i]) + b2c * d * d;
-      m[i] = store<scalar_t>(m_new);
-      v[i] = store<scalar_t>(v_new);
+      put(m[i], store<scalar_t>(m_new));
+      put(v[i], store<scalar_t>(v_new));
       const a_t denom = std::sqrt(v_new) / bc2_sqrt + eps;
-      f.p[i] = store<scalar_t>(w * decay - step_size * m_new / denom);
+      put(f.p[i], store<scalar_t>(w * decay - step_size * m_new / denom));
     });
   }
 };

@@ -172,3 +172,24 @@ def test_the_environment_variable_forces_the_baseline():
     env = dict(__import__("os").environ, VSAM_EXT_CPU_CAPABILITY="default")
     got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert got.strip() == "default"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("set_name", SETS)
+def test_every_16_bit_value_converts_as_torch_converts_it(dtype, set_name, restore_capability):
+    """The kernels convert half and bfloat16 themselves (cpu_kernels_body.h: load, store). All
+    65536 bit patterns, read and written back (scale 0) and rounded after an addition (p + 0.5 *
+    g), against the reference backend (torch's own conversions)."""
+    from vsam_ext.ops import reference as R
+    torch.ops.vsam_ext.cpu_capability(set_name)
+    values = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    for scale, grad in ((0.0, 0.0), (0.5, 1.0), (0.5, -3.0e-5)):
+        got_p, want_p = values.clone(), values.clone()
+        g = torch.full_like(values, grad)
+        got_b, want_b = torch.empty_like(values), torch.empty_like(values)
+        E.perturb(got_p, g, torch.tensor(scale), got_b, False, None, 0.0)
+        R.perturb(want_p, g, torch.tensor(scale), want_b, False, None, 0.0)
+        assert torch.equal(_bits(got_b), _bits(values)), "the backup is not the parameter's bits"
+        nan = want_p.isnan()
+        assert torch.equal(got_p.isnan(), nan)
+        assert torch.equal(_bits(got_p)[~nan], _bits(want_p)[~nan]), f"scale {scale}, grad {grad}"
