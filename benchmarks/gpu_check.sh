@@ -47,7 +47,8 @@
 #   --summary-only DIR just print (and rewrite) the summary of an existing output folder
 #   --issue15          the focused check of issue 15 instead of the full run (~6 min on an H200,
 #                      ~10 with --baseline): build; tests of the changed kernels
-#                      (test_segment_launches.py, test_cuda.py, test_triton_lists.py); bench_kernels
+#                      (test_segment_launches.py, test_cuda.py, test_triton_lists.py, and
+#                      test_triton_ptx.py: the 128-bit loads with this machine's Triton); bench_kernels
 #                      segment_sumsq, perturb+keep and sgd+restore at 64M x 1, 161, 1024 tensors
 #                      (cuda, triton, foreach); bench_step sgd, sam, vsam_sampling at ResNet-50 and
 #                      GPT-2 (cuda, triton, their in_place forms, foreach); the probe (host time,
@@ -209,7 +210,7 @@ if [ -z "$JOBS" ]; then
 fi
 
 if [ "$ISSUE15" = 1 ]; then
-  log "plan ($MODE, --issue15): build, three test files, segment_sumsq and the vSAM sampling step's kernels and steps, the probe${BASELINE:+, all of it again for $BASELINE}"
+  log "plan ($MODE, --issue15): build, four test files, segment_sumsq and the vSAM sampling step's kernels and steps, the probe${BASELINE:+, all of it again for $BASELINE}"
 elif [ "$QUICK" = 1 ]; then
   log "plan ($MODE, --quick): $([ "$MODE" = gpu ] && echo "build, ")two test files, tiny benchmarks: a smoke run of a few minutes, not a measurement"
 else
@@ -436,7 +437,8 @@ if [ "$SKIP_TESTS" = 0 ]; then
   if [ -n "$TESTS_ARGS" ]; then
     read -r -a TARGETS <<< "$TESTS_ARGS"
   elif [ "$ISSUE15" = 1 ]; then
-    TARGETS=(python_tests/test_segment_launches.py python_tests/test_cuda.py python_tests/test_triton_lists.py)
+    TARGETS=(python_tests/test_segment_launches.py python_tests/test_cuda.py python_tests/test_triton_lists.py
+             python_tests/test_triton_ptx.py)
   elif [ "$QUICK" = 1 ]; then
     TARGETS=(python_tests/test_cuda.py python_tests/test_controller.py)
   else
