@@ -59,7 +59,7 @@ DTYPES = ("fp32", "fp64", "bf16", "fp16")
 KERNELS = ("_segment_partials_kernel", "_segment_reduce_kernel", "_axpby_kernel", "_perturb_kernel",
            "_restore_kernel", "_reuse_kernel", "_sgd_kernel", "_adamw_kernel")
 HELPERS = ("_rounded", "_div_rn", "_sqrt_rn", "_psf_stats", "_partials_tile", "_axpby_tile", "_perturb_tile",
-           "_restore_tile", "_reuse_tile", "_sgd_tile", "_adamw_tile")
+           "_restore_tile", "_reuse_tile", "_front_loads", "_front_grad", "_sgd_tile", "_adamw_tile")
 # the kernels launched for flat buffers (LIST=False) and for lists of tensors (LIST=True)
 ELEMENTWISE = ("_perturb_kernel", "_restore_kernel", "_reuse_kernel", "_sgd_kernel", "_adamw_kernel")
 # the least number of table entries (64-bit, unmasked loads) a program of a list variant reads:

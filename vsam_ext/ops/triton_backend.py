@@ -895,23 +895,28 @@ def _mode(psf, backup, coeff: float) -> int:
 
 
 @triton.jit
-def _sgd_tile(p_ptr, g_ptr, buf_ptr, psf_ptr, backup_ptr, part_ptr, pid, nprog, offs, mask, stat_start,
-              coeff, lr, weight_decay, momentum, one_minus_dampening,
-              MODE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-              MAXIMIZE: tl.constexpr, FIRST: tl.constexpr, ACC: tl.constexpr):
-    """One block of the SGD step. The final gradient as in ``reference._final_grad``: in
-    restore modes the weights come from ``backup`` (the stepped weights go to ``param``) and the
-    gradient is ``grad`` (= g_sam), with psf <- g_sam - psf (psf held g) and the statistics in
-    _RESTORE_PSF; in reuse mode it is ``grad + coeff * psf``. The grad buffer is never written."""
+def _front_loads(offs, mask, p_ptr, g_ptr, psf_ptr, backup_ptr, MODE: tl.constexpr, ACC: tl.constexpr):
+    """The loads of a fused step's front, issued before the caller's state loads and any store:
+    (g, w, q). w: the weights (``backup`` in restore modes, the stepped weights then go to
+    ``param``); q: the PSF (reuse) or the kept g (restore + PSF), else g (unused)."""
     g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
     if MODE >= 2:                                              # _RESTORE, _RESTORE_PSF
         w = tl.load(backup_ptr + offs, mask=mask, other=0).to(ACC)
     else:
         w = tl.load(p_ptr + offs, mask=mask, other=0).to(ACC)
+    q = g
     if MODE == 1 or MODE == 3:                                 # reuse: the PSF; restore: the kept g
         q = tl.load(psf_ptr + offs, mask=mask, other=0).to(ACC)
-    if MOMENTUM and not FIRST:
-        buf_old = tl.load(buf_ptr + offs, mask=mask, other=0).to(ACC)
+    return g, w, q
+
+
+@triton.jit
+def _front_grad(offs, mask, g, q, psf_ptr, coeff, MODE: tl.constexpr, MAXIMIZE: tl.constexpr, ACC: tl.constexpr):
+    """The final gradient d as in ``reference._final_grad`` (``grad + coeff * psf`` in reuse
+    mode, ``grad`` = g_sam otherwise, negated when maximizing) and, in _RESTORE_PSF, the new PSF
+    psf <- g_sam - psf stored and returned (else g, unused): (d, psf). The grad buffer is never
+    written."""
+    psf = g
     if MODE == 3:
         psf = _rounded(g - q, psf_ptr)
         tl.store(psf_ptr + offs, psf, mask=mask)
@@ -921,6 +926,20 @@ def _sgd_tile(p_ptr, g_ptr, buf_ptr, psf_ptr, backup_ptr, part_ptr, pid, nprog, 
         d = g
     if MAXIMIZE:
         d = -d
+    return d, psf
+
+
+@triton.jit
+def _sgd_tile(p_ptr, g_ptr, buf_ptr, psf_ptr, backup_ptr, part_ptr, pid, nprog, offs, mask, stat_start,
+              coeff, lr, weight_decay, momentum, one_minus_dampening,
+              MODE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+              MAXIMIZE: tl.constexpr, FIRST: tl.constexpr, ACC: tl.constexpr):
+    """One block of the SGD step: the front (``_front_loads``, the momentum buffer's load,
+    ``_front_grad``), the step, and the statistics in _RESTORE_PSF."""
+    g, w, q = _front_loads(offs, mask, p_ptr, g_ptr, psf_ptr, backup_ptr, MODE, ACC)
+    if MOMENTUM and not FIRST:
+        buf_old = tl.load(buf_ptr + offs, mask=mask, other=0).to(ACC)
+    d, psf = _front_grad(offs, mask, g, q, psf_ptr, coeff, MODE, MAXIMIZE, ACC)
     if WEIGHT_DECAY:
         d = d + weight_decay * w
     if MOMENTUM:
@@ -1064,25 +1083,11 @@ def sgd_step_list(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
 def _adamw_tile(p_ptr, g_ptr, m_ptr, v_ptr, psf_ptr, backup_ptr, part_ptr, pid, nprog, offs, mask, stat_start,
                 coeff, decay, one_minus_beta1, beta2, one_minus_beta2, step_size, bc2_sqrt, eps,
                 MODE: tl.constexpr, MAXIMIZE: tl.constexpr, ACC: tl.constexpr):
-    """One block of the AdamW step; the final gradient as in ``_sgd_tile``."""
-    g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
-    if MODE >= 2:                                              # _RESTORE, _RESTORE_PSF
-        w = tl.load(backup_ptr + offs, mask=mask, other=0).to(ACC)
-    else:
-        w = tl.load(p_ptr + offs, mask=mask, other=0).to(ACC)
-    if MODE == 1 or MODE == 3:                                 # reuse: the PSF; restore: the kept g
-        q = tl.load(psf_ptr + offs, mask=mask, other=0).to(ACC)
+    """One block of the AdamW step; the front as in ``_sgd_tile``."""
+    g, w, q = _front_loads(offs, mask, p_ptr, g_ptr, psf_ptr, backup_ptr, MODE, ACC)
     m = tl.load(m_ptr + offs, mask=mask, other=0).to(ACC)
     v = tl.load(v_ptr + offs, mask=mask, other=0).to(ACC)
-    if MODE == 3:
-        psf = _rounded(g - q, psf_ptr)
-        tl.store(psf_ptr + offs, psf, mask=mask)
-    if MODE == 1:
-        d = g + coeff * q
-    else:
-        d = g
-    if MAXIMIZE:
-        d = -d
+    d, psf = _front_grad(offs, mask, g, q, psf_ptr, coeff, MODE, MAXIMIZE, ACC)
     w = w * decay                                                           # decoupled weight decay
     m = m + one_minus_beta1 * (d - m)                                       # torch's lerp
     v = beta2 * v + one_minus_beta2 * d * d
