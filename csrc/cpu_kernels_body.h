@@ -28,11 +28,10 @@ inline void put(T& dst, T v) { dst = v; }
 inline void put(c10::Half& dst, c10::Half v) { dst.x = v.x; }
 inline void put(c10::BFloat16& dst, c10::BFloat16 v) { dst.x = v.x; }
 
-// bfloat16 as c10::BFloat16 converts it (round to nearest even, NaN -> 0x7FC0), and half as
-// c10::Half converts it without F16C (the FP16 library's exact bit arithmetic, round to nearest
-// even, NaN -> 0x7E00), written with selects instead of branches so that the loops holding them
-// vectorise. The same bits as c10's conversions for every input (test_cpu_capability checks all
-// 65536 half and bfloat16 values).
+// bfloat16 as c10::BFloat16 converts it (round to nearest even, NaN -> 0x7FC0), written without
+// a branch so that the loops holding it vectorise: the same bits as c10's conversion for every
+// input (test_cpu_capability checks all 65536 values). Half keeps c10's conversion (its software
+// one leaves the loops scalar either way) except in the avx2 set, below.
 inline float load(c10::BFloat16 x) { return c10::bit_cast<float>(static_cast<uint32_t>(x.x) << 16); }
 template <>
 inline c10::BFloat16 store<c10::BFloat16>(float v) {
@@ -43,40 +42,13 @@ inline c10::BFloat16 store<c10::BFloat16>(float v) {
 }
 
 #if VSAM_CPU_F16C
-// With F16C (the avx2 set) half converts in hardware, to nearest even as the software below:
-// the same bits for every value but NaNs, whose payload F16C keeps where the software makes
-// them canonical. Scalar F16C instructions keep the loops scalar, and are still faster than
-// the software conversion.
+// With F16C (the avx2 set) half converts in hardware, to nearest even as c10's software does: the
+// same bits for every value but NaNs, whose payload F16C keeps where the software makes them
+// canonical. The loops stay scalar, about 3x faster than with the software conversion.
 inline float load(c10::Half x) { return _cvtsh_ss(x.x); }
 template <>
 inline c10::Half store<c10::Half>(float v) {
   return c10::Half(_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT), c10::Half::from_bits());
-}
-#else
-inline float load(c10::Half h) {
-  const uint32_t w = static_cast<uint32_t>(h.x) << 16;
-  const uint32_t sign = w & UINT32_C(0x80000000);
-  const uint32_t two_w = w + w;
-  const float normal = c10::bit_cast<float>((two_w >> 4) + (UINT32_C(0xE0) << 23)) *
-                       c10::bit_cast<float>(UINT32_C(15) << 23);          // 2^-112
-  const float subnormal = c10::bit_cast<float>((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
-  const uint32_t magnitude =
-      two_w < (UINT32_C(1) << 27) ? c10::bit_cast<uint32_t>(subnormal) : c10::bit_cast<uint32_t>(normal);
-  return c10::bit_cast<float>(sign | magnitude);
-}
-template <>
-inline c10::Half store<c10::Half>(float f) {
-  const float to_inf = c10::bit_cast<float>(UINT32_C(239) << 23), to_zero = c10::bit_cast<float>(UINT32_C(17) << 23);
-  float base = (std::fabs(f) * to_inf) * to_zero;
-  const uint32_t w = c10::bit_cast<uint32_t>(f);
-  const uint32_t shl1_w = w + w;
-  const uint32_t sign = w & UINT32_C(0x80000000);
-  const uint32_t bias = std::max(shl1_w & UINT32_C(0xFF000000), UINT32_C(0x71000000));
-  base = c10::bit_cast<float>((bias >> 1) + UINT32_C(0x07800000)) + base;
-  const uint32_t bits = c10::bit_cast<uint32_t>(base);
-  const uint32_t nonsign = ((bits >> 13) & UINT32_C(0x7C00)) + (bits & UINT32_C(0x0FFF));
-  const uint32_t h = (sign >> 16) | (shl1_w > UINT32_C(0xFF000000) ? UINT32_C(0x7E00) : nonsign);
-  return c10::Half(static_cast<uint16_t>(h), c10::Half::from_bits());
 }
 #endif
 

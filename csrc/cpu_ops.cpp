@@ -129,31 +129,29 @@ struct OptOne {
 // ("default" or "avx2") if set, else AVX2 where the CPU has AVX2 and F16C, else the baseline.
 // Every set gives the same bits (cpu_kernels_body.h); the choice is about speed only.
 
-std::string available_sets() {
+bool cpu_runs_avx2_set() {
 #ifdef VSAM_CPU_HAS_AVX2
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return "'default', 'avx2'";
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+#else
+  return false;
 #endif
-  return "'default'";
 }
 
 const Kernels* by_name(const std::string& name) {
   if (name == "default") return &baseline::kernels;
 #ifdef VSAM_CPU_HAS_AVX2
   if (name == "avx2") {
-    TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"),
-                "cpu capability 'avx2': this CPU lacks AVX2 or F16C; use 'default'");
+    TORCH_CHECK(cpu_runs_avx2_set(), "cpu capability 'avx2': this CPU lacks AVX2 or F16C; use 'default'");
     return &avx2::kernels;
   }
 #endif
-  TORCH_CHECK(false, "cpu capability: expected one of ", available_sets(), ", got '", name, "'");
+  TORCH_CHECK(false, "cpu capability: expected one of ", cpu_runs_avx2_set() ? "'default', 'avx2'" : "'default'",
+              ", got '", name, "'");
 }
 
 const Kernels* best_for_this_cpu() {
   if (const char* env = std::getenv("VSAM_EXT_CPU_CAPABILITY"); env && *env) return by_name(env);
-#ifdef VSAM_CPU_HAS_AVX2
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) return &avx2::kernels;
-#endif
-  return &baseline::kernels;
+  return by_name(cpu_runs_avx2_set() ? "avx2" : "default");
 }
 
 std::atomic<const Kernels*> chosen{nullptr};
