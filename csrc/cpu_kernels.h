@@ -9,6 +9,18 @@
 
 namespace vsam_cpu {
 
+// The host scalars of a fused step, in double (vsam_ext/ops/scalars.py): derived from the op's
+// float arguments, or read from its `scalars` tensor (a captured step's). `reuse`: psf without
+// backup is the reuse rule d = g + coeff * psf (chosen by the float coeff != 0).
+struct StepScalars {
+  double coeff;
+  double lr;           // SGD
+  double decay;        // AdamW: 1 - lr * weight_decay
+  double step_size;    // AdamW: lr / (1 - beta1^step)
+  double bc2_sqrt;     // AdamW: sqrt(1 - beta2^step)
+  bool reuse;
+};
+
 struct Kernels {
   const char* name;   // "default" or "avx2"
   Tensor (*sumsq)(TensorList x, const OptList& weight, double eta, const Plan& plan, int64_t nseg);
@@ -20,11 +32,11 @@ struct Kernels {
   Tensor (*restore)(TensorList param, TensorList backup, TensorList grad_sam, const OptList& psf, const Plan& plan);
   void (*reuse)(TensorList grad, TensorList psf, double coeff, const Plan& plan);
   Tensor (*sgd)(TensorList param, TensorList grad, const OptList& momentum_buffer, const OptList& psf,
-                const OptList& backup, double coeff, const Plan& plan, double lr, double weight_decay,
+                const OptList& backup, const StepScalars& s, const Plan& plan, double weight_decay,
                 double momentum, double dampening, bool nesterov, bool maximize, bool first);
   Tensor (*adamw)(TensorList param, TensorList grad, TensorList exp_avg, TensorList exp_avg_sq, const OptList& psf,
-                  const OptList& backup, double coeff, const Plan& plan, double lr, double beta1, double beta2,
-                  double eps, double weight_decay, int64_t step, bool maximize);
+                  const OptList& backup, const StepScalars& s, const Plan& plan, double beta1, double beta2,
+                  double eps, bool maximize);
 };
 
 // The compiler's baseline for the target (SSE2 on x86-64): runs everywhere.

@@ -256,9 +256,9 @@ void reuse_impl(TensorList grad, TensorList psf, double coeff, const Plan& plan)
 // apart from the others, so each inner loop is branch-free and vectorises.
 enum Mode { kPlain = 0, kReuse = 1, kRestore = 2, kRestorePsf = 3 };
 
-inline Mode mode_of(bool has_backup, bool has_psf, double coeff) {
+inline Mode mode_of(bool has_backup, bool has_psf, bool reuse) {
   if (has_backup) return has_psf ? kRestorePsf : kRestore;
-  return (has_psf && coeff != 0.0) ? kReuse : kPlain;
+  return (has_psf && reuse) ? kReuse : kPlain;
 }
 
 // The front over one tensor: its data pointers.
@@ -369,7 +369,7 @@ Tensor restore_impl(TensorList param, TensorList backup, TensorList grad_sam, co
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param[0].scalar_type(), "restore_psf_stats", [&] {
     RestoreBody<scalar_t> body{Fronts<scalar_t>(param, grad_sam, psf, backup, 0.0, false)};
-    out = run_fused<acc_t<scalar_t>>(plan, mode_of(true, psf.has_value(), 0.0), body);
+    out = run_fused<acc_t<scalar_t>>(plan, mode_of(true, psf.has_value(), false), body);
   });
   return out;
 }
@@ -423,16 +423,16 @@ struct SgdBody {
 };
 
 Tensor sgd_impl(TensorList param, TensorList grad, const OptList& momentum_buffer, const OptList& psf,
-                const OptList& backup, double coeff, const Plan& plan, double lr, double weight_decay,
+                const OptList& backup, const StepScalars& s, const Plan& plan, double weight_decay,
                 double momentum, double dampening, bool nesterov, bool maximize, bool first) {
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param[0].scalar_type(), "sgd_step", [&] {
     using a_t = acc_t<scalar_t>;
-    SgdBody<scalar_t> body{Fronts<scalar_t>(param, grad, psf, backup, coeff, maximize),
+    SgdBody<scalar_t> body{Fronts<scalar_t>(param, grad, psf, backup, s.coeff, maximize),
                            momentum != 0.0 ? Ptrs<scalar_t>(*momentum_buffer) : Ptrs<scalar_t>(),
-                           static_cast<a_t>(lr), static_cast<a_t>(weight_decay), static_cast<a_t>(momentum),
+                           static_cast<a_t>(s.lr), static_cast<a_t>(weight_decay), static_cast<a_t>(momentum),
                            static_cast<a_t>(1.0 - dampening), nesterov, first};
-    out = run_fused<a_t>(plan, mode_of(backup.has_value(), psf.has_value(), coeff), body);
+    out = run_fused<a_t>(plan, mode_of(backup.has_value(), psf.has_value(), s.reuse), body);
   });
   return out;
 }
@@ -464,18 +464,16 @@ struct AdamWBody {
 };
 
 Tensor adamw_impl(TensorList param, TensorList grad, TensorList exp_avg, TensorList exp_avg_sq, const OptList& psf,
-                  const OptList& backup, double coeff, const Plan& plan, double lr, double beta1,
-                  double beta2, double eps, double weight_decay, int64_t step, bool maximize) {
+                  const OptList& backup, const StepScalars& s, const Plan& plan, double beta1, double beta2,
+                  double eps, bool maximize) {
   Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param[0].scalar_type(), "adamw_step", [&] {
     using a_t = acc_t<scalar_t>;
-    const double s = static_cast<double>(step);
-    AdamWBody<scalar_t> body{Fronts<scalar_t>(param, grad, psf, backup, coeff, maximize), Ptrs<scalar_t>(exp_avg),
-                             Ptrs<scalar_t>(exp_avg_sq), static_cast<a_t>(1.0 - lr * weight_decay),
-                             static_cast<a_t>(1.0 - beta1), static_cast<a_t>(beta2), static_cast<a_t>(1.0 - beta2),
-                             static_cast<a_t>(lr / (1.0 - std::pow(beta1, s))),
-                             static_cast<a_t>(std::sqrt(1.0 - std::pow(beta2, s))), static_cast<a_t>(eps)};
-    out = run_fused<a_t>(plan, mode_of(backup.has_value(), psf.has_value(), coeff), body);
+    AdamWBody<scalar_t> body{Fronts<scalar_t>(param, grad, psf, backup, s.coeff, maximize), Ptrs<scalar_t>(exp_avg),
+                             Ptrs<scalar_t>(exp_avg_sq), static_cast<a_t>(s.decay), static_cast<a_t>(1.0 - beta1),
+                             static_cast<a_t>(beta2), static_cast<a_t>(1.0 - beta2), static_cast<a_t>(s.step_size),
+                             static_cast<a_t>(s.bc2_sqrt), static_cast<a_t>(eps)};
+    out = run_fused<a_t>(plan, mode_of(backup.has_value(), psf.has_value(), s.reuse), body);
   });
   return out;
 }

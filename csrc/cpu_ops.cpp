@@ -24,6 +24,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 
@@ -237,10 +238,47 @@ Tensor restore_psf_stats(const Tensor& param, const Tensor& backup, const Tensor
   return kernels().restore(param, backup, grad_sam, OptOne(psf), flat_plan(param.numel(), stat_start));
 }
 
-void reuse(const Tensor& grad, const Tensor& psf, double coeff) {
+// The `scalars` tensor of a captured step (vsam_ext/ops/scalars.py): n float64 values on the
+// parameters' device, read here (CPU tensors: no device to wait for).
+const double* read_scalars(const c10::optional<Tensor>& scalars, int64_t n, at::Device device, const char* op) {
+  if (!scalars.has_value()) return nullptr;
+  const Tensor& t = *scalars;
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kDouble && t.dim() == 1 && t.numel() == n && t.is_contiguous() &&
+                  t.device() == device,
+              op, ": scalars must be a contiguous 1-D float64 tensor of ", n, " value(s) on ", device,
+              " (vsam_ext.ops.scalars), got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
+  return t.data_ptr<double>();
+}
+
+StepScalars sgd_scalars(double coeff, double lr, const c10::optional<Tensor>& scalars, at::Device device) {
+  const double* s = read_scalars(scalars, 2, device, "sgd_step");
+  return s ? StepScalars{s[0], s[1], 0, 0, 0, coeff != 0.0} : StepScalars{coeff, lr, 0, 0, 0, coeff != 0.0};
+}
+
+void check_adamw_step(int64_t step) {
+  TORCH_CHECK(step >= 1, "step: expected >= 1 (the count after this step's increment), got ", step);
+}
+
+StepScalars adamw_scalars(double coeff, double lr, double beta1, double beta2, double weight_decay, int64_t step,
+                          const c10::optional<Tensor>& scalars, at::Device device) {
+  check_adamw_step(step);
+  if (const double* s = read_scalars(scalars, 4, device, "adamw_step")) {
+    return StepScalars{s[0], 0, s[1], s[2], s[3], coeff != 0.0};
+  }
+  const double n = static_cast<double>(step);
+  return StepScalars{coeff, lr, 1.0 - lr * weight_decay, lr / (1.0 - std::pow(beta1, n)),
+                     std::sqrt(1.0 - std::pow(beta2, n)), coeff != 0.0};
+}
+
+double reuse_coeff(double coeff, const c10::optional<Tensor>& scalars, at::Device device) {
+  const double* s = read_scalars(scalars, 1, device, "reuse");
+  return s ? s[0] : coeff;
+}
+
+void reuse(const Tensor& grad, const Tensor& psf, double coeff, const c10::optional<Tensor>& scalars) {
   check_first(grad, "grad");
   check_buffer(psf, grad, "psf");
-  kernels().reuse(grad, psf, coeff, flat_plan(grad.numel()));
+  kernels().reuse(grad, psf, reuse_coeff(coeff, scalars, grad.device()), flat_plan(grad.numel()));
 }
 
 void check_step_inputs(const Tensor& param, const Tensor& grad, const c10::optional<Tensor>& psf,
@@ -254,29 +292,26 @@ void check_step_inputs(const Tensor& param, const Tensor& grad, const c10::optio
 Tensor sgd_step(const Tensor& param, const Tensor& grad, const c10::optional<Tensor>& momentum_buffer,
                 const c10::optional<Tensor>& psf, const c10::optional<Tensor>& backup, double coeff,
                 int64_t stat_start, double lr, double weight_decay, double momentum, double dampening,
-                bool nesterov, bool maximize, bool first) {
+                bool nesterov, bool maximize, bool first, const c10::optional<Tensor>& scalars) {
   check_step_inputs(param, grad, psf, backup);
   TORCH_CHECK(momentum == 0.0 || momentum_buffer.has_value(), "momentum_buffer: required when momentum != 0");
   if (momentum_buffer.has_value()) check_buffer(*momentum_buffer, param, "momentum_buffer");
-  return kernels().sgd(param, grad, OptOne(momentum_buffer), OptOne(psf), OptOne(backup), coeff,
-                  flat_plan(param.numel(), stat_start), lr, weight_decay, momentum, dampening, nesterov, maximize,
-                  first);
-}
-
-void check_adamw_step(int64_t step) {
-  TORCH_CHECK(step >= 1, "step: expected >= 1 (the count after this step's increment), got ", step);
+  const StepScalars s = sgd_scalars(coeff, lr, scalars, param.device());
+  return kernels().sgd(param, grad, OptOne(momentum_buffer), OptOne(psf), OptOne(backup), s,
+                       flat_plan(param.numel(), stat_start), weight_decay, momentum, dampening, nesterov, maximize,
+                       first);
 }
 
 Tensor adamw_step(const Tensor& param, const Tensor& grad, const Tensor& exp_avg, const Tensor& exp_avg_sq,
                   const c10::optional<Tensor>& psf, const c10::optional<Tensor>& backup, double coeff,
                   int64_t stat_start, double lr, double beta1, double beta2, double eps, double weight_decay,
-                  int64_t step, bool maximize) {
+                  int64_t step, bool maximize, const c10::optional<Tensor>& scalars) {
   check_step_inputs(param, grad, psf, backup);
   check_buffer(exp_avg, param, "exp_avg");
   check_buffer(exp_avg_sq, param, "exp_avg_sq");
-  check_adamw_step(step);
-  return kernels().adamw(param, grad, exp_avg, exp_avg_sq, OptOne(psf), OptOne(backup), coeff,
-                    flat_plan(param.numel(), stat_start), lr, beta1, beta2, eps, weight_decay, step, maximize);
+  const StepScalars s = adamw_scalars(coeff, lr, beta1, beta2, weight_decay, step, scalars, param.device());
+  return kernels().adamw(param, grad, exp_avg, exp_avg_sq, OptOne(psf), OptOne(backup), s,
+                         flat_plan(param.numel(), stat_start), beta1, beta2, eps, maximize);
 }
 
 // =============================================================================================
@@ -330,16 +365,17 @@ Tensor restore_psf_stats_list(TensorList param, TensorList backup, TensorList gr
   return kernels().restore(param, backup, grad_sam, psf, list_plan(param, stat_first));
 }
 
-void reuse_list(TensorList grad, TensorList psf, double coeff) {
+void reuse_list(TensorList grad, TensorList psf, double coeff, const c10::optional<Tensor>& scalars) {
   const ListArgs args(grad, "grad");
   args.same(psf, "psf");
   if (args.empty()) return;
-  kernels().reuse(grad, psf, coeff, list_plan(grad));
+  kernels().reuse(grad, psf, reuse_coeff(coeff, scalars, grad[0].device()), list_plan(grad));
 }
 
 Tensor sgd_step_list(TensorList param, TensorList grad, OptList momentum_buffer, OptList psf, OptList backup,
                      double coeff, int64_t stat_first, double lr, double weight_decay, double momentum,
-                     double dampening, bool nesterov, bool maximize, bool first) {
+                     double dampening, bool nesterov, bool maximize, bool first,
+                     const c10::optional<Tensor>& scalars) {
   const ListArgs args(param, "param");
   args.same(grad, "grad");
   args.same(momentum_buffer, "momentum_buffer");
@@ -347,13 +383,15 @@ Tensor sgd_step_list(TensorList param, TensorList grad, OptList momentum_buffer,
   args.same(backup, "backup");
   TORCH_CHECK(momentum == 0.0 || momentum_buffer.has_value(), "momentum_buffer: required when momentum != 0");
   if (args.empty()) return empty_stats(backup.has_value() && psf.has_value());
-  return kernels().sgd(param, grad, momentum_buffer, psf, backup, coeff, list_plan(param, stat_first), lr,
-                  weight_decay, momentum, dampening, nesterov, maximize, first);
+  const StepScalars s = sgd_scalars(coeff, lr, scalars, param[0].device());
+  return kernels().sgd(param, grad, momentum_buffer, psf, backup, s, list_plan(param, stat_first), weight_decay,
+                       momentum, dampening, nesterov, maximize, first);
 }
 
 Tensor adamw_step_list(TensorList param, TensorList grad, TensorList exp_avg, TensorList exp_avg_sq, OptList psf,
                        OptList backup, double coeff, int64_t stat_first, double lr, double beta1, double beta2,
-                       double eps, double weight_decay, int64_t step, bool maximize) {
+                       double eps, double weight_decay, int64_t step, bool maximize,
+                       const c10::optional<Tensor>& scalars) {
   const ListArgs args(param, "param");
   args.same(grad, "grad");
   args.same(exp_avg, "exp_avg");
@@ -362,8 +400,9 @@ Tensor adamw_step_list(TensorList param, TensorList grad, TensorList exp_avg, Te
   args.same(backup, "backup");
   check_adamw_step(step);
   if (args.empty()) return empty_stats(backup.has_value() && psf.has_value());
-  return kernels().adamw(param, grad, exp_avg, exp_avg_sq, psf, backup, coeff, list_plan(param, stat_first), lr,
-                    beta1, beta2, eps, weight_decay, step, maximize);
+  const StepScalars s = adamw_scalars(coeff, lr, beta1, beta2, weight_decay, step, scalars, param[0].device());
+  return kernels().adamw(param, grad, exp_avg, exp_avg_sq, psf, backup, s, list_plan(param, stat_first), beta1,
+                         beta2, eps, maximize);
 }
 
 }  // namespace

@@ -20,6 +20,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -298,6 +300,14 @@ at::Tensor segment_axpby_list_cuda(at::TensorList y, at::TensorList x, const at:
 //                       [stat_start, n) (lists: the tensors from stat_first on) in acc_t;
 //                       without psf: a plain copy (CopyF), no statistics.
 //   reuse:              grad <- T(acc(grad) + coeff * acc(psf)).
+//
+// Device scalars (reuse, sgd_step, adamw_step; vsam_ext/ops/scalars.py): an optional float64
+// tensor `scalars` whose values replace the host doubles derived from the float arguments
+// (reuse: [coeff]; sgd_step: [coeff, lr]; adamw_step: [coeff, 1 - lr * wd, step_size, bc2]), so
+// that a captured CUDA graph reads the values of each replay. The functor holds its pointer
+// (nullptr: the host values) and bind reads it, once per thread, and rounds each value to acc_t
+// once, as the host rounds its doubles (static_cast, to nearest): the same bits as the call with
+// those values as floats. The float arguments still pick the kernel (pick_mode, step >= 1).
 
 template <typename T>
 struct PerturbF {
@@ -408,8 +418,12 @@ struct ReuseF {
   };
   Ptrs p;
   acc coeff;
+  const double* scalars;  // nullptr, or [coeff] on the device (read by bind)
 
-  __host__ __device__ __forceinline__ void bind(const Ptrs& q, int64_t, int64_t) { p = q; }
+  __host__ __device__ __forceinline__ void bind(const Ptrs& q, int64_t, int64_t) {
+    p = q;
+    if (scalars != nullptr) coeff = static_cast<acc>(scalars[0]);
+  }
 
   template <int N, typename S>
   __host__ __device__ __forceinline__ void apply(int64_t i, S&) const {
@@ -430,6 +444,26 @@ at::Tensor no_stats(const at::TensorOptions& opts) { return at::empty({0}, opts.
 // the CUDA kernel: the Python wrappers answer such calls.)
 at::Tensor empty_stats(bool asked) {
   return asked ? at::zeros({2}, at::TensorOptions().dtype(at::kFloat)) : no_stats(at::TensorOptions());
+}
+
+// `scalars` of reuse / sgd_step / adamw_step (`op`): absent (nullptr), or `count` float64
+// values, 1-D, contiguous, on `device` (the buffers'; any CUDA device for empty lists, which
+// launch nothing). Its address, read by the kernels, never on the host.
+const double* scalars_ptr(const std::optional<at::Tensor>& scalars, const char* op, int64_t count,
+                          const std::optional<c10::Device>& device) {
+  if (!present(scalars)) return nullptr;
+  const at::Tensor& t = *scalars;
+  TORCH_CHECK(t.scalar_type() == at::kDouble && t.dim() == 1 && t.numel() == count && t.is_contiguous() &&
+                  t.is_cuda() && (!device.has_value() || t.device() == *device),
+              op, ": scalars must be a contiguous 1-D float64 tensor of ", count, " value(s) on ",
+              device.has_value() ? device->str() : std::string("the parameters' CUDA device"),
+              " (vsam_ext.ops.scalars), got ", t.sizes(), " ", t.scalar_type(), " on ", t.device());
+  return t.data_ptr<double>();
+}
+
+// The lists' device, none for empty lists.
+std::optional<c10::Device> device_of(const ListArgs& args) {
+  return args.empty() ? std::nullopt : std::optional<c10::Device>(args.device());
 }
 
 void perturb_impl(at::TensorList param, at::TensorList grad, const at::Tensor& scale, at::TensorList backup,
@@ -469,11 +503,12 @@ at::Tensor restore_impl(at::TensorList param, at::TensorList backup, at::TensorL
   return stats.defined() ? stats : no_stats(param[0].options());
 }
 
-void reuse_impl(at::TensorList grad, at::TensorList psf, double coeff, const std::vector<Span>& spans) {
+void reuse_impl(at::TensorList grad, at::TensorList psf, double coeff, const double* scalars,
+                const std::vector<Span>& spans) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad[0].scalar_type(), "vsam_ext::reuse", [&] {
     using T = scalar_t;
     using F = ReuseF<T>;
-    const F f{{}, static_cast<acc_t<T>>(coeff)};
+    const F f{{}, static_cast<acc_t<T>>(coeff), scalars};
     launch(f, spans, [&](int64_t t) { return typename F::Ptrs{grad[t].data_ptr<T>(), psf[t].data_ptr<T>()}; },
            grad[0].options(), "reuse");
   });
@@ -500,11 +535,13 @@ at::Tensor restore_psf_stats_cuda(const at::Tensor& param, const at::Tensor& bac
   return restore_impl(param, backup, grad_sam, one_or_none(psf), flat_spans(param.numel(), stat_start));
 }
 
-void reuse_cuda(const at::Tensor& grad, const at::Tensor& psf, double coeff) {
+void reuse_cuda(const at::Tensor& grad, const at::Tensor& psf, double coeff,
+                const std::optional<at::Tensor>& scalars) {
   check_main(grad, "grad");
   check_like(psf, "psf", grad, "grad");
+  const double* s = scalars_ptr(scalars, "reuse", 1, grad.device());
   const c10::cuda::CUDAGuard guard(grad.device());
-  reuse_impl(grad, psf, coeff, flat_spans(grad.numel()));
+  reuse_impl(grad, psf, coeff, s, flat_spans(grad.numel()));
 }
 
 void perturb_list_cuda(at::TensorList param, at::TensorList grad, const at::Tensor& scale, at::TensorList backup,
@@ -530,12 +567,14 @@ at::Tensor restore_psf_stats_list_cuda(at::TensorList param, at::TensorList back
   return restore_impl(param, backup, grad_sam, psf, list_spans(param, stat_first));
 }
 
-void reuse_list_cuda(at::TensorList grad, at::TensorList psf, double coeff) {
+void reuse_list_cuda(at::TensorList grad, at::TensorList psf, double coeff,
+                     const std::optional<at::Tensor>& scalars) {
   const ListArgs args(grad, "grad");
   args.same(psf, "psf");
+  const double* s = scalars_ptr(scalars, "reuse", 1, device_of(args));
   if (args.empty()) return;
   const c10::cuda::CUDAGuard guard(args.device());
-  reuse_impl(grad, psf, coeff, list_spans(grad));
+  reuse_impl(grad, psf, coeff, s, list_spans(grad));
 }
 
 // ===============================================================================================
@@ -640,10 +679,15 @@ struct SgdF {
   StepArgs<T> a;
   acc lr, weight_decay, momentum, one_minus_dampening;
   bool has_weight_decay, has_momentum, nesterov, first;
+  const double* scalars;   // nullptr, or [coeff, lr] on the device (read by bind)
 
   __host__ __device__ __forceinline__ void bind(const Ptrs& q, int64_t stat_from, int64_t) {
     p = q;
     a.stat_start = stat_from;
+    if (scalars != nullptr) {
+      a.coeff = static_cast<acc>(scalars[0]);
+      lr = static_cast<acc>(scalars[1]);
+    }
   }
 
   template <int N, typename S>
@@ -701,10 +745,17 @@ struct AdamWF {
   acc one_minus_beta1, beta2, one_minus_beta2, eps;
   acc step_size;         // lr / (1 - beta1^step)
   acc bias_correction2_sqrt;   // sqrt(1 - beta2^step)
+  const double* scalars;  // nullptr, or [coeff, decay, step_size, bias_correction2_sqrt] on the device
 
   __host__ __device__ __forceinline__ void bind(const Ptrs& q, int64_t stat_from, int64_t) {
     p = q;
     a.stat_start = stat_from;
+    if (scalars != nullptr) {
+      a.coeff = static_cast<acc>(scalars[0]);
+      decay = static_cast<acc>(scalars[1]);
+      step_size = static_cast<acc>(scalars[2]);
+      bias_correction2_sqrt = static_cast<acc>(scalars[3]);
+    }
   }
 
   template <int N, typename S>
@@ -744,22 +795,23 @@ StepArgs<T> step_args(double coeff, bool maximize) {
 
 template <typename T, Mode M>
 SgdF<T, M> make_sgd(double coeff, bool maximize, double lr, double weight_decay, double momentum, double dampening,
-                    bool nesterov, bool first) {
+                    bool nesterov, bool first, const double* scalars) {
   using A = acc_t<T>;
   return SgdF<T, M>{{}, step_args<T>(coeff, maximize), static_cast<A>(lr), static_cast<A>(weight_decay),
                     static_cast<A>(momentum), static_cast<A>(1.0 - dampening), weight_decay != 0.0, momentum != 0.0,
-                    nesterov, first};
+                    nesterov, first, scalars};
 }
 
 template <typename T, Mode M>
 AdamWF<T, M> make_adamw(double coeff, bool maximize, double lr, double beta1, double beta2, double eps,
-                        double weight_decay, int64_t step) {
+                        double weight_decay, int64_t step, const double* scalars) {
   using A = acc_t<T>;
   const double step_size = lr / (1.0 - std::pow(beta1, static_cast<double>(step)));
   const double bias_correction2_sqrt = std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step)));
   return AdamWF<T, M>{{}, step_args<T>(coeff, maximize), static_cast<A>(1.0 - lr * weight_decay),
                       static_cast<A>(1.0 - beta1), static_cast<A>(beta2), static_cast<A>(1.0 - beta2),
-                      static_cast<A>(eps), static_cast<A>(step_size), static_cast<A>(bias_correction2_sqrt)};
+                      static_cast<A>(eps), static_cast<A>(step_size), static_cast<A>(bias_correction2_sqrt),
+                      scalars};
 }
 
 template <typename T>
@@ -772,7 +824,7 @@ StepPtrs<T> step_ptrs(at::TensorList param, at::TensorList grad, const OptList& 
 at::Tensor sgd_impl(at::TensorList param, at::TensorList grad, const OptList& momentum_buffer, const OptList& psf,
                     const OptList& backup, double coeff, const std::vector<Span>& spans, double lr,
                     double weight_decay, double momentum, double dampening, bool nesterov, bool maximize,
-                    bool first) {
+                    bool first, const double* scalars) {
   const Mode mode = pick_mode(psf.has_value(), backup.has_value(), coeff);
   const bool has_momentum = momentum != 0.0;
   at::Tensor stats;
@@ -781,7 +833,7 @@ at::Tensor sgd_impl(at::TensorList param, at::TensorList grad, const OptList& mo
     stats = with_mode(mode, [&](auto mode_c) {
       constexpr Mode M = decltype(mode_c)::value;
       using F = SgdF<T, M>;
-      const F f = make_sgd<T, M>(coeff, maximize, lr, weight_decay, momentum, dampening, nesterov, first);
+      const F f = make_sgd<T, M>(coeff, maximize, lr, weight_decay, momentum, dampening, nesterov, first, scalars);
       return launch(f, spans, [&](int64_t t) {
         return typename F::Ptrs{step_ptrs<T>(param, grad, psf, backup, t),
                                 has_momentum ? (*momentum_buffer)[t].data_ptr<T>() : nullptr};
@@ -794,7 +846,7 @@ at::Tensor sgd_impl(at::TensorList param, at::TensorList grad, const OptList& mo
 at::Tensor adamw_impl(at::TensorList param, at::TensorList grad, at::TensorList exp_avg, at::TensorList exp_avg_sq,
                       const OptList& psf, const OptList& backup, double coeff, const std::vector<Span>& spans,
                       double lr, double beta1, double beta2, double eps, double weight_decay, int64_t step,
-                      bool maximize) {
+                      bool maximize, const double* scalars) {
   const Mode mode = pick_mode(psf.has_value(), backup.has_value(), coeff);
   at::Tensor stats;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param[0].scalar_type(), "vsam_ext::adamw_step", [&] {
@@ -802,7 +854,7 @@ at::Tensor adamw_impl(at::TensorList param, at::TensorList grad, at::TensorList 
     stats = with_mode(mode, [&](auto mode_c) {
       constexpr Mode M = decltype(mode_c)::value;
       using F = AdamWF<T, M>;
-      const F f = make_adamw<T, M>(coeff, maximize, lr, beta1, beta2, eps, weight_decay, step);
+      const F f = make_adamw<T, M>(coeff, maximize, lr, beta1, beta2, eps, weight_decay, step, scalars);
       return launch(f, spans, [&](int64_t t) {
         return typename F::Ptrs{step_ptrs<T>(param, grad, psf, backup, t), exp_avg[t].data_ptr<T>(),
                                 exp_avg_sq[t].data_ptr<T>()};
@@ -829,34 +881,38 @@ void check_final_grad(const at::Tensor& param, const at::Tensor& grad, const std
 at::Tensor sgd_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& momentum_buffer,
                          const std::optional<at::Tensor>& psf, const std::optional<at::Tensor>& backup, double coeff,
                          int64_t stat_start, double lr, double weight_decay, double momentum, double dampening,
-                         bool nesterov, bool maximize, bool first) {
+                         bool nesterov, bool maximize, bool first, const std::optional<at::Tensor>& scalars) {
   check_final_grad(param, grad, psf, backup);
   if (momentum != 0.0) {
     TORCH_CHECK(present(momentum_buffer), "vsam_ext: sgd_step: momentum_buffer is required when momentum != 0");
     check_like(*momentum_buffer, "momentum_buffer", param, "param");
   }
+  const double* s = scalars_ptr(scalars, "sgd_step", 2, param.device());
   const c10::cuda::CUDAGuard guard(param.device());
   return sgd_impl(param, grad, momentum != 0.0 ? one_or_none(momentum_buffer) : OptList(), one_or_none(psf),
                   one_or_none(backup), coeff, flat_spans(param.numel(), stat_start), lr, weight_decay, momentum,
-                  dampening, nesterov, maximize, first);
+                  dampening, nesterov, maximize, first, s);
 }
 
 at::Tensor adamw_step_cuda(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
                            const at::Tensor& exp_avg_sq, const std::optional<at::Tensor>& psf,
                            const std::optional<at::Tensor>& backup, double coeff, int64_t stat_start, double lr,
-                           double beta1, double beta2, double eps, double weight_decay, int64_t step, bool maximize) {
+                           double beta1, double beta2, double eps, double weight_decay, int64_t step, bool maximize,
+                           const std::optional<at::Tensor>& scalars) {
   check_final_grad(param, grad, psf, backup);
   check_like(exp_avg, "exp_avg", param, "param");
   check_like(exp_avg_sq, "exp_avg_sq", param, "param");
   check_step(step);
+  const double* s = scalars_ptr(scalars, "adamw_step", 4, param.device());
   const c10::cuda::CUDAGuard guard(param.device());
   return adamw_impl(param, grad, exp_avg, exp_avg_sq, one_or_none(psf), one_or_none(backup), coeff,
-                    flat_spans(param.numel(), stat_start), lr, beta1, beta2, eps, weight_decay, step, maximize);
+                    flat_spans(param.numel(), stat_start), lr, beta1, beta2, eps, weight_decay, step, maximize, s);
 }
 
 at::Tensor sgd_step_list_cuda(at::TensorList param, at::TensorList grad, OptList momentum_buffer, OptList psf,
                               OptList backup, double coeff, int64_t stat_first, double lr, double weight_decay,
-                              double momentum, double dampening, bool nesterov, bool maximize, bool first) {
+                              double momentum, double dampening, bool nesterov, bool maximize, bool first,
+                              const std::optional<at::Tensor>& scalars) {
   const ListArgs args(param, "param");
   args.same(grad, "grad");
   args.same(momentum_buffer, "momentum_buffer");
@@ -864,16 +920,18 @@ at::Tensor sgd_step_list_cuda(at::TensorList param, at::TensorList grad, OptList
   args.same(backup, "backup");
   TORCH_CHECK(momentum == 0.0 || momentum_buffer.has_value(),
               "vsam_ext: sgd_step: momentum_buffer is required when momentum != 0");
+  const double* s = scalars_ptr(scalars, "sgd_step", 2, device_of(args));
   if (args.empty()) return empty_stats(backup.has_value() && psf.has_value());
   const c10::cuda::CUDAGuard guard(args.device());
   return sgd_impl(param, grad, momentum_buffer, psf, backup, coeff, list_spans(param, stat_first), lr, weight_decay,
-                  momentum, dampening, nesterov, maximize, first);
+                  momentum, dampening, nesterov, maximize, first, s);
 }
 
 at::Tensor adamw_step_list_cuda(at::TensorList param, at::TensorList grad, at::TensorList exp_avg,
                                 at::TensorList exp_avg_sq, OptList psf, OptList backup, double coeff,
                                 int64_t stat_first, double lr, double beta1, double beta2, double eps,
-                                double weight_decay, int64_t step, bool maximize) {
+                                double weight_decay, int64_t step, bool maximize,
+                                const std::optional<at::Tensor>& scalars) {
   const ListArgs args(param, "param");
   args.same(grad, "grad");
   args.same(exp_avg, "exp_avg");
@@ -881,10 +939,11 @@ at::Tensor adamw_step_list_cuda(at::TensorList param, at::TensorList grad, at::T
   args.same(psf, "psf");
   args.same(backup, "backup");
   check_step(step);
+  const double* s = scalars_ptr(scalars, "adamw_step", 4, device_of(args));
   if (args.empty()) return empty_stats(backup.has_value() && psf.has_value());
   const c10::cuda::CUDAGuard guard(args.device());
   return adamw_impl(param, grad, exp_avg, exp_avg_sq, psf, backup, coeff, list_spans(param, stat_first), lr, beta1,
-                    beta2, eps, weight_decay, step, maximize);
+                    beta2, eps, weight_decay, step, maximize, s);
 }
 
 }  // namespace

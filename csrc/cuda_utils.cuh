@@ -58,6 +58,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <mutex>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -525,6 +526,19 @@ inline GlobalTable<P> global_table(const int64_t* d, const GlobalLayout& L) {
                         reinterpret_cast<const uint8_t*>(d + L.o_vec)};
 }
 
+// Under CUDA graph capture the copy of a pinned host buffer becomes a graph node that reads the
+// buffer at every replay, so the buffer must outlive the graph: it is kept for the process's life
+// (a few KB per captured launch; captures are rare). Outside capture nothing is kept.
+inline void keep_if_captured(const at::Tensor& host, cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  if (status == cudaStreamCaptureStatusNone) return;
+  static std::mutex mutex;
+  static std::vector<at::Tensor>* kept = new std::vector<at::Tensor>();   // never freed: graphs may replay at exit
+  const std::lock_guard<std::mutex> lock(mutex);
+  kept->push_back(host);
+}
+
 // One launch over all of `spans` with a GlobalTable (a per-segment functor whose spans do not fit
 // one Table): the words in one pinned host buffer, copied to the device on `stream` without
 // blocking the host (the caching host allocator keeps the buffer until the copy has run; the
@@ -540,6 +554,7 @@ void launch_global(const F& f, const std::vector<Span>& spans, const PtrsOf& ptr
   TORCH_INTERNAL_ASSERT(blocks == total && blocks < kMaxGrid);
   at::Tensor dev = at::empty({L.words}, opts.dtype(at::kLong));
   dev.copy_(host, /*non_blocking=*/true);
+  keep_if_captured(host, stream);
   const GlobalTable<P> tab = global_table<P>(dev.data_ptr<int64_t>(), L);
   apply_kernel<F, GlobalTable<P>><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(f, tab, d_partials, total,
                                                                                        d_ranges);

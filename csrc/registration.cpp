@@ -32,16 +32,16 @@ TORCH_LIBRARY(vsam_ext, m) {
         "Tensor(c!)? grad_keep, float eta=0.0) -> ()");
   m.def("restore_psf_stats(Tensor(a!) param, Tensor backup, Tensor grad_sam, Tensor(b!)? psf, "
         "int stat_start) -> Tensor");
-  m.def("reuse(Tensor(a!) grad, Tensor psf, float coeff) -> ()");
+  m.def("reuse(Tensor(a!) grad, Tensor psf, float coeff, Tensor? scalars=None) -> ()");
   m.def("sgd_step(Tensor(a!) param, Tensor grad, Tensor(b!)? momentum_buffer, Tensor(c!)? psf, "
         "Tensor? backup, float coeff, int stat_start, float lr, float weight_decay, float momentum, "
-        "float dampening, bool nesterov, bool maximize, bool first) -> Tensor");
+        "float dampening, bool nesterov, bool maximize, bool first, Tensor? scalars=None) -> Tensor");
   // Not an op on data: the flat buffer's memory seen as a parameter with a storage of its own
   // (alias.cpp). It aliases `flat` without saying so in the schema: never traced or compiled.
   m.def("own_storage_alias(Tensor flat, int offset, int[] size, int[] stride) -> Tensor");
   m.def("adamw_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
         "Tensor(d!)? psf, Tensor? backup, float coeff, int stat_start, float lr, float beta1, "
-        "float beta2, float eps, float weight_decay, int step, bool maximize) -> Tensor");
+        "float beta2, float eps, float weight_decay, int step, bool maximize, Tensor? scalars=None) -> Tensor");
 
   m.def("segment_sumsq_list(Tensor[] x, Tensor[]? weight, float eta=0.0) -> Tensor");
   m.def("segment_gram_list(Tensor[] a, Tensor[] b) -> Tensor");
@@ -50,13 +50,13 @@ TORCH_LIBRARY(vsam_ext, m) {
         "Tensor(c!)[]? grad_keep, float eta=0.0) -> ()");
   m.def("restore_psf_stats_list(Tensor(a!)[] param, Tensor[] backup, Tensor[] grad_sam, Tensor(b!)[]? psf, "
         "int stat_first) -> Tensor");
-  m.def("reuse_list(Tensor(a!)[] grad, Tensor[] psf, float coeff) -> ()");
+  m.def("reuse_list(Tensor(a!)[] grad, Tensor[] psf, float coeff, Tensor? scalars=None) -> ()");
   m.def("sgd_step_list(Tensor(a!)[] param, Tensor[] grad, Tensor(b!)[]? momentum_buffer, Tensor(c!)[]? psf, "
         "Tensor[]? backup, float coeff, int stat_first, float lr, float weight_decay, float momentum, "
-        "float dampening, bool nesterov, bool maximize, bool first) -> Tensor");
+        "float dampening, bool nesterov, bool maximize, bool first, Tensor? scalars=None) -> Tensor");
   m.def("adamw_step_list(Tensor(a!)[] param, Tensor[] grad, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
         "Tensor(d!)[]? psf, Tensor[]? backup, float coeff, int stat_first, float lr, float beta1, "
-        "float beta2, float eps, float weight_decay, int step, bool maximize) -> Tensor");
+        "float beta2, float eps, float weight_decay, int step, bool maximize, Tensor? scalars=None) -> Tensor");
 }
 
 // A module init so that `import vsam_ext._C` loads the library (and with it the registrations

@@ -15,10 +15,14 @@
 //     than a kernel-argument Table holds) gives every block the same span, chunk, elements,
 //     buffers, alignment flag, statistics start and result slot (partials index, segment range)
 //     as the Tables of for_each_fill's launches.
+//  4. Device scalars (vsam_ext/ops/scalars.py): ReuseF, SgdF and AdamWF with a `scalars` pointer
+//     (the float64 values, read by bind) and other host values write the same bits, statistics
+//     included, as the functors made from those values as host doubles, in every mode and dtype.
 // Prints "emulated launch: ok (...)" and exits 0, or prints the first mismatches and exits 1.
 #define VSAM_EXT_EMULATED_LAUNCH
 #include "cuda_ops.cu"
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -183,6 +187,106 @@ void check_global_table(std::mt19937_64& rng, int64_t nspans) {
   }
 }
 
+// Buffers of n elements of T from 16-byte aligned storage (as torch allocates), random values.
+template <typename T>
+struct Buf {
+  std::vector<T> store;
+  T* p;
+  Buf(std::mt19937_64& rng, int64_t n, bool positive) : store(n + 16) {
+    std::normal_distribution<double> normal;
+    for (auto& v : store) v = static_cast<T>(positive ? std::fabs(normal(rng)) : normal(rng));
+    p = reinterpret_cast<T*>((reinterpret_cast<std::uintptr_t>(store.data()) + 15) / 16 * 16);
+  }
+  Buf(const Buf& o) : store(o.store), p(store.data() + (o.p - o.store.data())) {}
+  bool same(const Buf& o, int64_t n) const { return std::memcmp(p, o.p, n * sizeof(T)) == 0; }
+};
+
+// f bound to q and run over [0, n) by every thread of a block, as a launch of one span: the
+// block's sums (added over the threads in order).
+template <typename F>
+std::vector<typename F::acc> run_span(F f, const typename F::Ptrs& q, int64_t n, int64_t stat_from) {
+  using A = typename F::acc;
+  constexpr int K = F::kSums > 0 ? F::kSums : 1;
+  f.bind(q, stat_from, 0);
+  std::vector<A> out(K, A(0));
+  for (int64_t tid = 0; tid < vg::kThreads; ++tid) {
+    A s[K];
+    for (int k = 0; k < K; ++k) s[k] = A(0);
+    vg::for_range<F::kV>(0, n, tid, vg::kThreads, true, f, s);
+    for (int k = 0; k < K; ++k) out[k] += s[k];
+  }
+  return out;
+}
+
+template <typename A>
+bool same_sums(const std::vector<A>& x, const std::vector<A>& y) {
+  return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(A)) == 0;
+}
+
+// The values of the scalars tensors (vsam_ext.ops.scalars), not exact in fp32, and wrong host
+// values for the functors that read them: the results must be those of the tensor's values.
+constexpr double kCoeff = 0.37, kLr = 0.051, kWd = 0.013, kBeta1 = 0.9, kBeta2 = 0.999;
+constexpr int64_t kStep = 7;
+constexpr double kWrong = 5.5;
+
+template <typename T, vg::Mode M>
+void check_scalars_mode(std::mt19937_64& rng, const char* name) {
+  constexpr bool kRestoring = M == vg::Mode::kRestore || M == vg::Mode::kRestorePsf;
+  const int64_t n = 1003, stat_from = 5;
+  const Buf<T> param(rng, n, false), grad(rng, n, false), psf(rng, n, false), backup(rng, n, false),
+      mom(rng, n, false), m(rng, n, false), v(rng, n, true);
+  // SGD: momentum with dampening and nesterov, weight decay, maximize; and plain
+  for (int cfg = 0; cfg < 3; ++cfg) {
+    const double wd = cfg == 0 ? 0.0 : 1e-2, momentum = cfg == 0 ? 0.0 : 0.9, damp = cfg == 2 ? 0.1 : 0.0;
+    const bool nesterov = cfg == 1, maximize = cfg == 2, first = cfg == 1;
+    const double sc[2] = {kCoeff, kLr};
+    const auto host = vg::make_sgd<T, M>(kCoeff, maximize, kLr, wd, momentum, damp, nesterov, first, nullptr);
+    const auto dev = vg::make_sgd<T, M>(kWrong, maximize, kWrong, wd, momentum, damp, nesterov, first, sc);
+    Buf<T> p1(param), q1(psf), b1(mom), p2(param), q2(psf), b2(mom);
+    using F = std::decay_t<decltype(host)>;
+    const auto s1 = run_span(host, typename F::Ptrs{{p1.p, grad.p, q1.p, kRestoring ? backup.p : nullptr},
+                                                    momentum != 0.0 ? b1.p : nullptr}, n, stat_from);
+    const auto s2 = run_span(dev, typename F::Ptrs{{p2.p, grad.p, q2.p, kRestoring ? backup.p : nullptr},
+                                                   momentum != 0.0 ? b2.p : nullptr}, n, stat_from);
+    if (!p1.same(p2, n) || !q1.same(q2, n) || !b1.same(b2, n) || !same_sums(s1, s2))
+      fail(name, static_cast<long long>(M), cfg, 1);
+  }
+  // AdamW: weight decay or none, maximize, steps 1 and 7
+  for (int cfg = 0; cfg < 2; ++cfg) {
+    const double wd = cfg == 0 ? kWd : 0.0;
+    const int64_t step = cfg == 0 ? kStep : 1;
+    const bool maximize = cfg == 1;
+    const double sc[4] = {kCoeff, 1.0 - kLr * wd, kLr / (1.0 - std::pow(kBeta1, static_cast<double>(step))),
+                          std::sqrt(1.0 - std::pow(kBeta2, static_cast<double>(step)))};
+    const auto host = vg::make_adamw<T, M>(kCoeff, maximize, kLr, kBeta1, kBeta2, 1e-8, wd, step, nullptr);
+    const auto dev = vg::make_adamw<T, M>(kWrong, maximize, kWrong, kBeta1, kBeta2, 1e-8, 0.5, step + 3, sc);
+    Buf<T> p1(param), q1(psf), m1(m), v1(v), p2(param), q2(psf), m2(m), v2(v);
+    using F = std::decay_t<decltype(host)>;
+    const auto s1 = run_span(host, typename F::Ptrs{{p1.p, grad.p, q1.p, kRestoring ? backup.p : nullptr}, m1.p, v1.p},
+                             n, stat_from);
+    const auto s2 = run_span(dev, typename F::Ptrs{{p2.p, grad.p, q2.p, kRestoring ? backup.p : nullptr}, m2.p, v2.p},
+                             n, stat_from);
+    if (!p1.same(p2, n) || !q1.same(q2, n) || !m1.same(m2, n) || !v1.same(v2, n) || !same_sums(s1, s2))
+      fail(name, static_cast<long long>(M), cfg, 2);
+  }
+}
+
+template <typename T>
+void check_scalars(std::mt19937_64& rng, const char* name) {
+  using A = vg::acc_t<T>;
+  check_scalars_mode<T, vg::Mode::kPlain>(rng, name);
+  check_scalars_mode<T, vg::Mode::kReuse>(rng, name);
+  check_scalars_mode<T, vg::Mode::kRestore>(rng, name);
+  check_scalars_mode<T, vg::Mode::kRestorePsf>(rng, name);
+  const int64_t n = 1003;
+  const Buf<T> grad(rng, n, false), psf(rng, n, false);
+  const double sc[1] = {kCoeff};
+  Buf<T> g1(grad), g2(grad);
+  run_span(vg::ReuseF<T>{{}, static_cast<A>(kCoeff), nullptr}, {g1.p, psf.p}, n, 0);
+  run_span(vg::ReuseF<T>{{}, static_cast<A>(kWrong), sc}, {g2.p, psf.p}, n, 0);
+  if (!g1.same(g2, n)) fail(name, 0, 0, 3);
+}
+
 }  // namespace
 
 int main() {
@@ -200,11 +304,16 @@ int main() {
     check_global_table<vg::AxpbyF<c10::Half>>(rng, nspans);
     checked += nspans;
   }
+  check_scalars<float>(rng, "scalars fp32");
+  check_scalars<double>(rng, "scalars fp64");
+  check_scalars<c10::Half>(rng, "scalars fp16");
+  check_scalars<c10::BFloat16>(rng, "scalars bf16");
   if (failures) {
     std::printf("emulated launch: %d mismatches\n", failures);
     return 1;
   }
-  std::printf("emulated launch: ok (for_range x 4 dtypes, finalize_thread, GlobalTable vs Table over %lld spans)\n",
+  std::printf("emulated launch: ok (for_range x 4 dtypes, finalize_thread, GlobalTable vs Table over %lld spans, "
+              "device scalars of reuse/sgd_step/adamw_step x 4 modes x 4 dtypes)\n",
               static_cast<long long>(checked));
   return 0;
 }

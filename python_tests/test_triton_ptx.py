@@ -129,7 +129,12 @@ def _variants(tb, full):
             add_elementwise("_restore_kernel", dict(p_ptr="buf", backup_ptr="buf", gs_ptr="buf", psf_ptr="buf",
                                                     part_ptr="acc" if has_psf else "buf"),
                             has_psf, HAS_PSF=has_psf, ACC=ACC, BLOCK=tb.BLOCK)
-        add_elementwise("_reuse_kernel", dict(g_ptr="buf", psf_ptr="buf"), True, ACC=ACC, BLOCK=tb.BLOCK)
+        # HAS_SCALARS (the ``scalars`` tensor of a captured step, float64): reuse both ways; the
+        # fused steps with it in their every-term variants (the full run: every variant both ways)
+        for hs in (False, True):
+            add_elementwise("_reuse_kernel", dict(g_ptr="buf", psf_ptr="buf", scalars_ptr="f64" if hs else "buf"),
+                            True, HAS_SCALARS=hs, ACC=ACC, BLOCK=tb.BLOCK)
+        scalars_ways = lambda every: (False, True) if full else (every,)     # noqa: E731
 
         modes = (tb._PLAIN, tb._REUSE, tb._RESTORE, tb._RESTORE_PSF)
         EVERY_SGD_TERM = (tb._RESTORE_PSF, True, True, True, True, False)
@@ -144,14 +149,18 @@ def _variants(tb, full):
                 (tb._REUSE, False, False, False, False, False),           # plain SGD
                 (tb._RESTORE_PSF, False, True, False, False, True)]       # heavy ball, first step
         for m, wd, mom, nest, mx, first in sgd:
-            add_elementwise("_sgd_kernel", step_ptrs(m, buf_ptr="buf"), (m, wd, mom, nest, mx, first) == EVERY_SGD_TERM,
-                            MODE=m, WEIGHT_DECAY=wd, MOMENTUM=mom, NESTEROV=nest, MAXIMIZE=mx, FIRST=first, ACC=ACC,
-                            BLOCK=tb.BLOCK)
+            for hs in scalars_ways(wd and mom and nest and mx):
+                add_elementwise("_sgd_kernel", step_ptrs(m, buf_ptr="buf", scalars_ptr="f64" if hs else "buf"),
+                                (m, wd, mom, nest, mx, first) == EVERY_SGD_TERM, MODE=m, WEIGHT_DECAY=wd,
+                                MOMENTUM=mom, NESTEROV=nest, MAXIMIZE=mx, FIRST=first, HAS_SCALARS=hs, ACC=ACC,
+                                BLOCK=tb.BLOCK)
         adamw = [(m, mx) for m in modes for mx in (False, True)] if full else \
             [(m, True) for m in modes] + [(tb._PLAIN, False)]
         for m, mx in adamw:
-            add_elementwise("_adamw_kernel", step_ptrs(m, m_ptr="buf", v_ptr="buf"), (m, mx) == (tb._RESTORE_PSF, True),
-                            MODE=m, MAXIMIZE=mx, ACC=ACC, BLOCK=tb.BLOCK)
+            for hs in scalars_ways(mx):
+                add_elementwise("_adamw_kernel", step_ptrs(m, m_ptr="buf", v_ptr="buf", scalars_ptr="f64" if hs else "buf"),
+                                (m, mx) == (tb._RESTORE_PSF, True), MODE=m, MAXIMIZE=mx, HAS_SCALARS=hs, ACC=ACC,
+                                BLOCK=tb.BLOCK)
     return out
 
 
@@ -174,7 +183,7 @@ def _compile(job):
         if p.is_constexpr:
             sig[p.name] = "constexpr"
         elif p.name in ptrs:
-            sig[p.name] = "*" + {"buf": dt, "acc": acc, "i64": "i64"}[ptrs[p.name]]
+            sig[p.name] = "*" + {"buf": dt, "acc": acc, "i64": "i64", "f64": "fp64"}[ptrs[p.name]]
         elif p.name in ("n", "stat_start", "nseg", "nblocks"):
             sig[p.name] = "i32"
         else:
@@ -354,9 +363,10 @@ def test_list_kernels_load_their_pointers_from_the_table(compiled, kernel):
     for r in lists:
         want = TABLE_LOADS[kernel](r["constexprs"])
         assert r["table_loads"] >= want, (r["kernel"], r["dtype"], r["constexprs"], r["table_loads"], want)
-    # what is counted: the flat form loads no 64-bit value unmasked (but fp64 scalars: its scale)
+    # what is counted: the flat form loads no 64-bit value unmasked (but fp64 scalars: its scale;
+    # and the float64 ``scalars`` of a captured step)
     for r in results:
-        if not r["constexprs"].get("LIST", True) and r["dtype"] != "fp64":
+        if not r["constexprs"].get("LIST", True) and r["dtype"] != "fp64" and not r["constexprs"].get("HAS_SCALARS"):
             assert r["table_loads"] == 0, (r["kernel"], r["dtype"], r["constexprs"], r["table_loads"])
 
 

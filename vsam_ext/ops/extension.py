@@ -57,20 +57,20 @@ def restore_psf_stats(param, backup, grad_sam, psf, stat_start: int):
     return _stats(_ops.restore_psf_stats(param, backup, grad_sam, psf, stat_start))
 
 
-def reuse(grad, psf, coeff: float) -> None:
-    _ops.reuse(grad, psf, coeff)
+def reuse(grad, psf, coeff: float, scalars=None) -> None:
+    _ops.reuse(grad, psf, coeff, scalars)
 
 
 def sgd_step(param, grad, momentum_buffer, psf, backup, coeff, stat_start, lr, weight_decay, momentum,
-             dampening, nesterov, maximize, first):
+             dampening, nesterov, maximize, first, scalars=None):
     return _stats(_ops.sgd_step(param, grad, momentum_buffer, psf, backup, coeff, stat_start, lr,
-                                weight_decay, momentum, dampening, nesterov, maximize, first))
+                                weight_decay, momentum, dampening, nesterov, maximize, first, scalars))
 
 
 def adamw_step(param, grad, exp_avg, exp_avg_sq, psf, backup, coeff, stat_start, lr, beta1, beta2, eps,
-               weight_decay, step, maximize):
+               weight_decay, step, maximize, scalars=None):
     return _stats(_ops.adamw_step(param, grad, exp_avg, exp_avg_sq, psf, backup, coeff, stat_start, lr,
-                                  beta1, beta2, eps, weight_decay, step, maximize))
+                                  beta1, beta2, eps, weight_decay, step, maximize, scalars))
 
 
 # -- tensor lists ------------------------------------------------------------------------------
@@ -124,29 +124,30 @@ def restore_psf_stats_list(params, backups, grad_sams, psfs, stat_first: int) ->
     return _stats(_ops.restore_psf_stats_list(params, backups, grad_sams, psfs, int(stat_first)))
 
 
-def reuse_list(grads, psfs, coeff: float) -> None:
+def reuse_list(grads, psfs, coeff: float, scalars=None) -> None:
     grads, psfs = _list(grads), _list(psfs)
     if not _no_tensors(grads, psfs):
-        _ops.reuse_list(grads, psfs, float(coeff))
+        _ops.reuse_list(grads, psfs, float(coeff), scalars)
 
 
 def sgd_step_list(params, grads, momentum_buffers, psfs, backups, coeff, stat_first, lr, weight_decay, momentum,
-                  dampening, nesterov, maximize, first) -> Optional[torch.Tensor]:
+                  dampening, nesterov, maximize, first, scalars=None) -> Optional[torch.Tensor]:
     lists = (_list(params), _list(grads), _opt_list(momentum_buffers), _opt_list(psfs), _opt_list(backups))
     if _no_tensors(*lists):
         if momentum != 0.0 and momentum_buffers is None:
             raise RuntimeError("momentum_buffer: required when momentum != 0")
         return _empty_stats(psfs is not None and backups is not None)
     return _stats(_ops.sgd_step_list(*lists, float(coeff), int(stat_first), float(lr), float(weight_decay),
-                                     float(momentum), float(dampening), bool(nesterov), bool(maximize), bool(first)))
+                                     float(momentum), float(dampening), bool(nesterov), bool(maximize), bool(first),
+                                     scalars))
 
 
 def adamw_step_list(params, grads, exp_avgs, exp_avg_sqs, psfs, backups, coeff, stat_first, lr, beta1, beta2, eps,
-                    weight_decay, step, maximize) -> Optional[torch.Tensor]:
+                    weight_decay, step, maximize, scalars=None) -> Optional[torch.Tensor]:
     lists = (_list(params), _list(grads), _list(exp_avgs), _list(exp_avg_sqs), _opt_list(psfs), _opt_list(backups))
     if _no_tensors(*lists):
         if step < 1:
             raise RuntimeError(f"step: expected >= 1 (the count after this step's increment), got {step}")
         return _empty_stats(psfs is not None and backups is not None)
     return _stats(_ops.adamw_step_list(*lists, float(coeff), int(stat_first), float(lr), float(beta1), float(beta2),
-                                       float(eps), float(weight_decay), int(step), bool(maximize)))
+                                       float(eps), float(weight_decay), int(step), bool(maximize), scalars))

@@ -96,19 +96,19 @@ def _restore_psf_stats(param, backup, grad_sam, psf, stat_start):
 
 
 @_register("reuse")
-def _reuse(grad, psf, coeff):
+def _reuse(grad, psf, coeff, scalars=None):
     return None
 
 
 @_register("sgd_step")
 def _sgd_step(param, grad, momentum_buffer, psf, backup, coeff, stat_start, lr, weight_decay, momentum,
-              dampening, nesterov, maximize, first):
+              dampening, nesterov, maximize, first, scalars=None):
     return _stats(param, psf is not None and backup is not None)
 
 
 @_register("adamw_step")
 def _adamw_step(param, grad, exp_avg, exp_avg_sq, psf, backup, coeff, stat_start, lr, beta1, beta2, eps,
-                weight_decay, step, maximize):
+                weight_decay, step, maximize, scalars=None):
     return _stats(param, psf is not None and backup is not None)
 
 
@@ -141,17 +141,17 @@ def _restore_psf_stats_list(param, backup, grad_sam, psf, stat_first):
 
 
 @_register("reuse_list")
-def _reuse_list(grad, psf, coeff):
+def _reuse_list(grad, psf, coeff, scalars=None):
     return None
 
 
 @_register("sgd_step_list")
 def _sgd_step_list(param, grad, momentum_buffer, psf, backup, coeff, stat_first, lr, weight_decay, momentum,
-                   dampening, nesterov, maximize, first):
+                   dampening, nesterov, maximize, first, scalars=None):
     return _stats(_first(param), psf is not None and backup is not None)
 
 
 @_register("adamw_step_list")
 def _adamw_step_list(param, grad, exp_avg, exp_avg_sq, psf, backup, coeff, stat_first, lr, beta1, beta2, eps,
-                     weight_decay, step, maximize):
+                     weight_decay, step, maximize, scalars=None):
     return _stats(_first(param), psf is not None and backup is not None)

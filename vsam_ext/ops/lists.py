@@ -82,10 +82,10 @@ def per_tensor(backend: types.ModuleType) -> types.SimpleNamespace:
             _flat(params[i]), _flat(backups[i]), _flat(grad_sams[i]), _item(psfs, i), s))
         return None if psfs is None else _add_stats(parts, params[0] if params else torch.zeros(0))
 
-    def reuse_list(grads, psfs, coeff):
+    def reuse_list(grads, psfs, coeff, scalars=None):
         for g, f in zip(grads, psfs):
             if g.numel():
-                backend.reuse(_flat(g), _flat(f), coeff)
+                backend.reuse(_flat(g), _flat(f), coeff, scalars)
 
     def sgd_step_list(params, grads, momentum_buffers, psfs, backups, coeff, stat_first, *rest):
         parts = stats_over(params, stat_first, lambda i, s: backend.sgd_step(
@@ -211,11 +211,11 @@ class Dispatch:
         return self._list_backend(param).restore_psf_stats_list(
             param, _split(backup, sizes), grad_sam, _split(psf, sizes), self._stat_first(stat_start, sizes))
 
-    def reuse(self, grad, psf, coeff: float):
+    def reuse(self, grad, psf, coeff: float, scalars=None):
         if not isinstance(grad, list):
-            return self._flat_backend(grad).reuse(grad, psf, coeff)
+            return self._flat_backend(grad).reuse(grad, psf, coeff, scalars)
         sizes = self._sizes(grad)
-        self._list_backend(grad).reuse_list(grad, _split(psf, sizes), coeff)
+        self._list_backend(grad).reuse_list(grad, _split(psf, sizes), coeff, scalars)
 
     def sgd_step(self, param, grad, momentum_buffer, psf, backup, coeff, stat_start, *rest):
         if not isinstance(param, list):

@@ -26,6 +26,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .scalars import check_scalars
+
 __all__ = ["segment_sumsq", "segment_gram", "segment_axpby", "perturb", "restore_psf_stats", "reuse", "sgd_step", "adamw_step"]
 
 
@@ -130,12 +132,21 @@ def restore_psf_stats(param: torch.Tensor, backup: torch.Tensor, grad_sam: torch
     return torch.stack([g_sq, _sumsq(psf[stat_start:])])
 
 
-def reuse(grad: torch.Tensor, psf: torch.Tensor, coeff: float) -> None:
-    """vSAM reuse (Eq. 17): ``grad <- grad + coeff * PSF``."""
+def reuse(grad: torch.Tensor, psf: torch.Tensor, coeff: float, scalars: Optional[torch.Tensor] = None) -> None:
+    """vSAM reuse (Eq. 17): ``grad <- grad + coeff * PSF``. ``scalars``: ``[coeff]`` as a device
+    tensor (``vsam_ext.ops.scalars``), used instead of the float."""
+    check_scalars("reuse", scalars, grad.device)
+    coeff = coeff if scalars is None else _device_scalar(scalars, 0, grad.dtype)
     grad.copy_(_wide(grad) + coeff * _wide(psf))
 
 
-def _final_grad(param, grad, psf, backup, coeff: float, stat_start: int, maximize: bool):
+def _device_scalar(scalars: torch.Tensor, i: int, dtype: torch.dtype) -> torch.Tensor:
+    """``scalars[i]`` (a host double on the device) rounded once to the maths dtype of ``dtype``
+    buffers: the rounding a Python float gets as a torch op's scalar argument."""
+    return scalars[i].to(maths_dtype(dtype))
+
+
+def _final_grad(param, grad, psf, backup, coeff, stat_start: int, maximize: bool, reuse: bool):
     """The gradient a fused base step uses, and the statistics when it restores.
 
     Restore mode (``backup`` given, after a SAM step's second backward): the weights come back
@@ -146,7 +157,7 @@ def _final_grad(param, grad, psf, backup, coeff: float, stat_start: int, maximiz
     if backup is not None:
         stats = restore_psf_stats(param, backup, grad, psf, stat_start)
         d = _wide(grad)
-    elif psf is not None and coeff != 0.0:
+    elif psf is not None and reuse:
         d = _wide(grad) + coeff * _wide(psf)
     else:
         d = _wide(grad)
@@ -156,11 +167,17 @@ def _final_grad(param, grad, psf, backup, coeff: float, stat_start: int, maximiz
 def sgd_step(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: Optional[torch.Tensor],
              psf: Optional[torch.Tensor], backup: Optional[torch.Tensor], coeff: float, stat_start: int,
              lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
-             maximize: bool, first: bool) -> Optional[torch.Tensor]:
+             maximize: bool, first: bool, scalars: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """torch.optim.SGD's step on the final gradient (see ``_final_grad``); ``first``: the
     momentum buffer is initialised to the gradient (torch's ``buf is None`` case). The grad
-    buffer is not written. Returns the statistics pair in restore mode with ``psf``, else None."""
-    d, stats = _final_grad(param, grad, psf, backup, coeff, stat_start, maximize)
+    buffer is not written. Returns the statistics pair in restore mode with ``psf``, else None.
+    ``scalars``: ``[coeff, lr]`` as a device tensor (``vsam_ext.ops.scalars``), used instead of
+    the floats (which still choose the rule: ``coeff != 0``)."""
+    check_scalars("sgd_step", scalars, param.device)
+    reuse_rule = coeff != 0.0
+    if scalars is not None:
+        coeff, lr = (_device_scalar(scalars, i, param.dtype) for i in range(2))
+    d, stats = _final_grad(param, grad, psf, backup, coeff, stat_start, maximize, reuse_rule)
     w = _wide(param)
     if weight_decay != 0.0:
         d = d + weight_decay * w
@@ -175,16 +192,24 @@ def sgd_step(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: Optional[
 def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                psf: Optional[torch.Tensor], backup: Optional[torch.Tensor], coeff: float, stat_start: int,
                lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
-               maximize: bool) -> Optional[torch.Tensor]:
+               maximize: bool, scalars: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """torch.optim.AdamW's step (no amsgrad) on the final gradient (see ``_final_grad``);
-    ``step`` is the step count after this step's increment (1 on the first step)."""
-    d, stats = _final_grad(param, grad, psf, backup, coeff, stat_start, maximize)
-    w = _wide(param) * (1.0 - lr * weight_decay)
+    ``step`` is the step count after this step's increment (1 on the first step). ``scalars``:
+    ``[coeff, 1 - lr * weight_decay, lr / (1 - beta1 ** step), sqrt(1 - beta2 ** step)]`` as a
+    device tensor (``vsam_ext.ops.scalars``), used instead of the floats."""
+    if step < 1:
+        raise RuntimeError(f"step: expected >= 1 (the count after this step's increment), got {step}")
+    check_scalars("adamw_step", scalars, param.device)
+    reuse_rule = coeff != 0.0
+    decay, step_size, bc2_sqrt = 1.0 - lr * weight_decay, lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step)
+    if scalars is not None:
+        coeff, decay, step_size, bc2_sqrt = (_device_scalar(scalars, i, param.dtype) for i in range(4))
+    d, stats = _final_grad(param, grad, psf, backup, coeff, stat_start, maximize, reuse_rule)
+    w = _wide(param) * decay
     m = _wide(exp_avg) + (1.0 - beta1) * (d - _wide(exp_avg))
     v = beta2 * _wide(exp_avg_sq) + (1.0 - beta2) * d * d
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
-    step_size = lr / (1.0 - beta1 ** step)
-    denom = sqrt_rn(v) / math.sqrt(1.0 - beta2 ** step) + eps
+    denom = sqrt_rn(v) / bc2_sqrt + eps
     param.copy_(w - step_size * m / denom)
     return stats

@@ -24,6 +24,13 @@ Conventions shared by every kernel (each ``@triton.jit`` kernel sits beside its 
   Triton passes Python floats as fp32; fp32 maths gets ``hi``, as torch does.
   (Written inline rather than in a helper: the interpreter re-patches ``tl`` on every call of a
   jit helper, ~2 ms each.)
+* ``scalars`` (``reuse``, ``sgd_step``, ``adamw_step`` and their list forms; see
+  ``vsam_ext.ops.scalars``): an optional float64 device tensor whose values replace the host
+  scalars derived from the float arguments (coeff, lr; AdamW's decay, step size and bias
+  correction), for a CUDA-graph capture. The kernel (constexpr ``HAS_SCALARS``) loads them once
+  per program and casts them to the maths dtype, one rounding to nearest as ``_split``'s ``hi``
+  (fp32) or the exact double (fp64): the same values as from the float arguments. The float
+  arguments still choose the kernel (the mode from ``coeff != 0``).
 * Statistics and sums of squares are deterministic: each program writes its partial sums to a
   scratch tensor, which is then reduced in a fixed order (torch ``.sum`` on the device, or the
   per-segment reduction kernel). No float atomics. A program's partial sum is ``tl.sum`` over
@@ -47,6 +54,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from .reference import check_scale
+from .scalars import check_scalars
 
 try:
     import triton
@@ -206,6 +214,7 @@ def _table(key: tuple, layout, block: int, device: torch.device) -> Tuple[Option
     hit = _TABLES.get(key)
     if hit is not None:
         _TABLES.move_to_end(key)
+        _keep_if_captured(hit[0], device)
         return hit
     numels, addrs = layout()
     lengths = torch.tensor(numels, dtype=torch.int64)
@@ -218,13 +227,26 @@ def _table(key: tuple, layout, block: int, device: torch.device) -> Tuple[Option
         seg_of_block = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int64), blocks)
         host = torch.cat([first, lengths, seg_of_block, torch.tensor(addrs, dtype=torch.int64)])
         if device.type == "cuda":                      # pinned: the copy does not block the host
-            table = host.pin_memory().to(device, non_blocking=True)
+            pinned = host.pin_memory()
+            table = pinned.to(device, non_blocking=True)
+            _keep_if_captured(pinned, device)
         else:
             table = host
     _TABLES[key] = (table, nblocks)
+    _keep_if_captured(table, device)
     if len(_TABLES) > _TABLES_MAX:
         _TABLES.popitem(last=False)
     return table, nblocks
+
+
+# Tables a CUDA graph capture used: the graph reads them (and copies from their pinned host side)
+# at every replay, so the LRU above must not free them; kept for the process's life (captures are rare).
+_CAPTURED: list = []
+
+
+def _keep_if_captured(t: Optional[torch.Tensor], device: torch.device) -> None:
+    if t is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _CAPTURED.append(t)
 
 
 def _table_device(device: torch.device) -> None:
@@ -826,10 +848,13 @@ def _reuse_tile(g_ptr, psf_ptr, offs, mask, coeff, ACC: tl.constexpr):
 
 
 @triton.jit
-def _reuse_kernel(g_ptr, psf_ptr, n, coeff_hi, coeff_mid, coeff_lo, table_ptr, nseg, nblocks,
-                  LIST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _reuse_kernel(g_ptr, psf_ptr, n, coeff_hi, coeff_mid, coeff_lo, scalars_ptr, table_ptr, nseg, nblocks,
+                  HAS_SCALARS: tl.constexpr, LIST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    coeff = tl.cast(coeff_hi, ACC) + tl.cast(coeff_mid, ACC) + tl.cast(coeff_lo, ACC)
+    if HAS_SCALARS:                             # [coeff], float64 on the device
+        coeff = tl.load(scalars_ptr).to(ACC)
+    else:
+        coeff = tl.cast(coeff_hi, ACC) + tl.cast(coeff_mid, ACC) + tl.cast(coeff_lo, ACC)
     if LIST:
         seg = tl.load(table_ptr + 2 * nseg + 1 + pid)
         n = tl.load(table_ptr + nseg + 1 + seg)
@@ -854,30 +879,43 @@ def _reuse_kernel(g_ptr, psf_ptr, n, coeff_hi, coeff_mid, coeff_lo, table_ptr, n
         _reuse_tile(g_ptr, psf_ptr, offs, offs < n, coeff, ACC)
 
 
-def _reuse(g, psf, coeff, grid, n, table, nseg, nblocks, block) -> None:
+def _reuse(g, psf, coeff, scalars, grid, n, table, nseg, nblocks, block) -> None:
     with _device_ctx(g):
-        _reuse_kernel[grid](g, psf, n, *_split(coeff, g.dtype == torch.float64), g if table is None else table,
-                            nseg, nblocks, LIST=table is not None, ACC=_acc(g.dtype), BLOCK=block, **_LAUNCH)
+        _reuse_kernel[grid](g, psf, n, *_split(coeff, g.dtype == torch.float64), g if scalars is None else scalars,
+                            g if table is None else table, nseg, nblocks, HAS_SCALARS=scalars is not None,
+                            LIST=table is not None, ACC=_acc(g.dtype), BLOCK=block, **_LAUNCH)
 
 
-def reuse(grad: torch.Tensor, psf: torch.Tensor, coeff: float) -> None:
-    """vSAM reuse (Eq. 17): ``grad <- grad + coeff * PSF``."""
+def _scalars_device(t0: Optional[torch.Tensor], scalars) -> torch.device:
+    """Where a list op's ``scalars`` must be: the first tensor's device; for empty lists
+    wherever they are (no kernel reads them)."""
+    if t0 is not None:
+        return t0.device
+    return scalars.device if isinstance(scalars, torch.Tensor) else torch.device("cpu")
+
+
+def reuse(grad: torch.Tensor, psf: torch.Tensor, coeff: float, scalars: Optional[torch.Tensor] = None) -> None:
+    """vSAM reuse (Eq. 17): ``grad <- grad + coeff * PSF``. ``scalars``: ``[coeff]`` as a float64
+    device tensor, read by the kernel instead of ``coeff`` (``vsam_ext.ops.scalars``)."""
     _check(grad, psf=psf)
+    check_scalars("reuse", scalars, grad.device)
     n = grad.numel()
     if n == 0:
         return
     block = _block(n)
-    _reuse(grad, psf, coeff, _grid(n, block), n, None, 0, 0, block)
+    _reuse(grad, psf, coeff, scalars, _grid(n, block), n, None, 0, 0, block)
 
 
-def reuse_list(grads: Sequence[torch.Tensor], psfs: Sequence[torch.Tensor], coeff: float) -> None:
-    """``reuse`` on every tensor of the lists, one launch."""
+def reuse_list(grads: Sequence[torch.Tensor], psfs: Sequence[torch.Tensor], coeff: float,
+               scalars: Optional[torch.Tensor] = None) -> None:
+    """``reuse`` on every tensor of the lists, one launch (one ``scalars`` for all)."""
     g0 = _check_lists("grads", grads, psfs=psfs)
+    check_scalars("reuse", scalars, _scalars_device(g0, scalars))
     if g0 is None:
         return
     table, nblocks, block = _list_table((grads, psfs))
     if table is not None:
-        _reuse(g0, psfs[0], coeff, (nblocks,), 0, table, len(grads), nblocks, block)
+        _reuse(g0, psfs[0], coeff, scalars, (nblocks,), 0, table, len(grads), nblocks, block)
 
 
 # --------------------------------------------------------------------------------------------
@@ -960,12 +998,16 @@ def _sgd_tile(p_ptr, g_ptr, buf_ptr, psf_ptr, backup_ptr, part_ptr, pid, nprog, 
 @triton.jit
 def _sgd_kernel(p_ptr, g_ptr, buf_ptr, psf_ptr, backup_ptr, part_ptr, n, stat_start,
                 coeff_hi, coeff_mid, coeff_lo, lr_hi, lr_mid, lr_lo, wd_hi, wd_mid, wd_lo,
-                mom_hi, mom_mid, mom_lo, damp_hi, damp_mid, damp_lo, table_ptr, nseg, nblocks,
+                mom_hi, mom_mid, mom_lo, damp_hi, damp_mid, damp_lo, scalars_ptr, table_ptr, nseg, nblocks,
                 MODE: tl.constexpr, WEIGHT_DECAY: tl.constexpr, MOMENTUM: tl.constexpr,
                 NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, FIRST: tl.constexpr,
-                LIST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    coeff = tl.cast(coeff_hi, ACC) + tl.cast(coeff_mid, ACC) + tl.cast(coeff_lo, ACC)
-    lr = tl.cast(lr_hi, ACC) + tl.cast(lr_mid, ACC) + tl.cast(lr_lo, ACC)
+                HAS_SCALARS: tl.constexpr, LIST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    if HAS_SCALARS:                             # [coeff, lr], float64 on the device
+        coeff = tl.load(scalars_ptr).to(ACC)
+        lr = tl.load(scalars_ptr + 1).to(ACC)
+    else:
+        coeff = tl.cast(coeff_hi, ACC) + tl.cast(coeff_mid, ACC) + tl.cast(coeff_lo, ACC)
+        lr = tl.cast(lr_hi, ACC) + tl.cast(lr_mid, ACC) + tl.cast(lr_lo, ACC)
     weight_decay = tl.cast(wd_hi, ACC) + tl.cast(wd_mid, ACC) + tl.cast(wd_lo, ACC)
     momentum = tl.cast(mom_hi, ACC) + tl.cast(mom_mid, ACC) + tl.cast(mom_lo, ACC)
     one_minus_dampening = tl.cast(damp_hi, ACC) + tl.cast(damp_mid, ACC) + tl.cast(damp_lo, ACC)
@@ -1015,7 +1057,7 @@ def _sgd_kernel(p_ptr, g_ptr, buf_ptr, psf_ptr, backup_ptr, part_ptr, n, stat_st
 
 
 def _sgd(p, g, buf, psf, backup, coeff, stat_start, lr, weight_decay, momentum, dampening, nesterov, maximize,
-         first, mode, grid, n, table, nseg, nblocks, block) -> Optional[torch.Tensor]:
+         first, scalars, mode, grid, n, table, nseg, nblocks, block) -> Optional[torch.Tensor]:
     """One launch of the SGD kernel (``table`` None: flat buffers; else the lists' first tensors,
     ``stat_start`` then being ``stat_first``); the statistics in _RESTORE_PSF mode."""
     partials = _stats_scratch(grid[0], p.dtype, p.device) if mode == _RESTORE_PSF else p
@@ -1024,41 +1066,44 @@ def _sgd(p, g, buf, psf, backup, coeff, stat_start, lr, weight_decay, momentum, 
         _sgd_kernel[grid](
             p, g, p if buf is None else buf, p if psf is None else psf, p if backup is None else backup, partials,
             n, stat_start, *_split(coeff, wide), *_split(lr, wide), *_split(weight_decay, wide),
-            *_split(momentum, wide), *_split(1.0 - float(dampening), wide), p if table is None else table, nseg,
-            nblocks, MODE=mode, WEIGHT_DECAY=weight_decay != 0.0, MOMENTUM=buf is not None,
-            NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), FIRST=bool(first), LIST=table is not None,
-            ACC=_acc(p.dtype), BLOCK=block, **_LAUNCH)
+            *_split(momentum, wide), *_split(1.0 - float(dampening), wide), p if scalars is None else scalars,
+            p if table is None else table, nseg, nblocks, MODE=mode, WEIGHT_DECAY=weight_decay != 0.0,
+            MOMENTUM=buf is not None, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), FIRST=bool(first),
+            HAS_SCALARS=scalars is not None, LIST=table is not None, ACC=_acc(p.dtype), BLOCK=block, **_LAUNCH)
     return _reduce_stats(partials) if mode == _RESTORE_PSF else None
 
 
 def sgd_step(param: torch.Tensor, grad: torch.Tensor, momentum_buffer: Optional[torch.Tensor],
              psf: Optional[torch.Tensor], backup: Optional[torch.Tensor], coeff: float, stat_start: int,
              lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
-             maximize: bool, first: bool) -> Optional[torch.Tensor]:
+             maximize: bool, first: bool, scalars: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """torch.optim.SGD's step fused with the restore or the reuse, one pass (see
-    ``reference.sgd_step``). Returns the statistics pair in restore mode with ``psf``."""
+    ``reference.sgd_step``). Returns the statistics pair in restore mode with ``psf``.
+    ``scalars``: ``[coeff, lr]`` as a float64 device tensor, read by the kernel instead of
+    ``coeff`` and ``lr`` (``vsam_ext.ops.scalars``; ``coeff`` still picks the mode)."""
     coeff, momentum = float(coeff), float(momentum)
     has_momentum = momentum != 0.0
     if has_momentum and momentum_buffer is None:
         raise ValueError("sgd_step: momentum != 0 needs a momentum_buffer")
     buf = momentum_buffer if has_momentum else None
     _check(param, grad=grad, momentum_buffer=buf, psf=psf, backup=backup)
+    check_scalars("sgd_step", scalars, param.device)
     mode = _mode(psf, backup, coeff)
     n = param.numel()
     if n == 0:
         return _empty_sums(2, param) if mode == _RESTORE_PSF else None
     block = _block(n)
     return _sgd(param, grad, buf, psf, backup, coeff, _stat_start(stat_start, n), lr, weight_decay, momentum,
-                dampening, nesterov, maximize, first, mode, _grid(n, block), n, None, 0, 0, block)
+                dampening, nesterov, maximize, first, scalars, mode, _grid(n, block), n, None, 0, 0, block)
 
 
 def sgd_step_list(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                   momentum_buffers: Optional[Sequence[torch.Tensor]], psfs: Optional[Sequence[torch.Tensor]],
                   backups: Optional[Sequence[torch.Tensor]], coeff: float, stat_first: int, lr: float,
                   weight_decay: float, momentum: float, dampening: float, nesterov: bool, maximize: bool,
-                  first: bool) -> Optional[torch.Tensor]:
-    """``sgd_step`` on every tensor of the lists, one launch; the statistics pair (restore mode
-    with ``psfs``) is over the tensors of index >= ``stat_first``."""
+                  first: bool, scalars: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``sgd_step`` on every tensor of the lists, one launch (one ``scalars`` for all); the
+    statistics pair (restore mode with ``psfs``) is over the tensors of index >= ``stat_first``."""
     coeff, momentum = float(coeff), float(momentum)
     has_momentum = momentum != 0.0
     if has_momentum and momentum_buffers is None:
@@ -1066,6 +1111,7 @@ def sgd_step_list(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     bufs = momentum_buffers if has_momentum else None
     p0 = _check_lists("params", params, ("momentum_buffers", "psfs", "backups"), grads=grads,
                       momentum_buffers=bufs, psfs=psfs, backups=backups)
+    check_scalars("sgd_step", scalars, _scalars_device(p0, scalars))
     mode = _mode(psfs, backups, coeff)
     if p0 is None:
         return _empty_sums(2, None) if mode == _RESTORE_PSF else None
@@ -1076,7 +1122,14 @@ def sgd_step_list(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     first_of = lambda ts: None if ts is None else ts[0]     # noqa: E731
     return _sgd(p0, grads[0], first_of(bufs), first_of(psfs), first_of(backups), coeff,
                 _stat_first(stat_first, len(params)), lr, weight_decay, momentum, dampening, nesterov, maximize,
-                first, mode, (nblocks,), 0, table, len(params), nblocks, block)
+                first, scalars, mode, (nblocks,), 0, table, len(params), nblocks, block)
+
+
+def _check_step(op: str, step: int) -> None:
+    """AdamW's ``step`` (the count after this step's increment) is >= 1, with or without
+    ``scalars`` (the bias corrections of step 0 divide by zero)."""
+    if int(step) < 1:
+        raise ValueError(f"{op}: step must be >= 1 (the count after this step's increment), got {step}")
 
 
 @triton.jit
@@ -1104,16 +1157,22 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, psf_ptr, backup_ptr, part_ptr, n, 
                   coeff_hi, coeff_mid, coeff_lo, decay_hi, decay_mid, decay_lo, b1c_hi, b1c_mid, b1c_lo,
                   beta2_hi, beta2_mid, beta2_lo, b2c_hi, b2c_mid, b2c_lo,
                   step_size_hi, step_size_mid, step_size_lo, bc2_sqrt_hi, bc2_sqrt_mid, bc2_sqrt_lo,
-                  eps_hi, eps_mid, eps_lo, table_ptr, nseg, nblocks,
-                  MODE: tl.constexpr, MAXIMIZE: tl.constexpr, LIST: tl.constexpr, ACC: tl.constexpr,
-                  BLOCK: tl.constexpr):
-    coeff = tl.cast(coeff_hi, ACC) + tl.cast(coeff_mid, ACC) + tl.cast(coeff_lo, ACC)
-    decay = tl.cast(decay_hi, ACC) + tl.cast(decay_mid, ACC) + tl.cast(decay_lo, ACC)     # 1 - lr * wd
+                  eps_hi, eps_mid, eps_lo, scalars_ptr, table_ptr, nseg, nblocks,
+                  MODE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_SCALARS: tl.constexpr, LIST: tl.constexpr,
+                  ACC: tl.constexpr, BLOCK: tl.constexpr):
+    if HAS_SCALARS:                             # [coeff, decay, step_size, bc2_sqrt], float64 on the device
+        coeff = tl.load(scalars_ptr).to(ACC)
+        decay = tl.load(scalars_ptr + 1).to(ACC)
+        step_size = tl.load(scalars_ptr + 2).to(ACC)
+        bc2_sqrt = tl.load(scalars_ptr + 3).to(ACC)
+    else:
+        coeff = tl.cast(coeff_hi, ACC) + tl.cast(coeff_mid, ACC) + tl.cast(coeff_lo, ACC)
+        decay = tl.cast(decay_hi, ACC) + tl.cast(decay_mid, ACC) + tl.cast(decay_lo, ACC)     # 1 - lr * wd
+        step_size = tl.cast(step_size_hi, ACC) + tl.cast(step_size_mid, ACC) + tl.cast(step_size_lo, ACC)
+        bc2_sqrt = tl.cast(bc2_sqrt_hi, ACC) + tl.cast(bc2_sqrt_mid, ACC) + tl.cast(bc2_sqrt_lo, ACC)
     one_minus_beta1 = tl.cast(b1c_hi, ACC) + tl.cast(b1c_mid, ACC) + tl.cast(b1c_lo, ACC)
     beta2 = tl.cast(beta2_hi, ACC) + tl.cast(beta2_mid, ACC) + tl.cast(beta2_lo, ACC)
     one_minus_beta2 = tl.cast(b2c_hi, ACC) + tl.cast(b2c_mid, ACC) + tl.cast(b2c_lo, ACC)
-    step_size = tl.cast(step_size_hi, ACC) + tl.cast(step_size_mid, ACC) + tl.cast(step_size_lo, ACC)
-    bc2_sqrt = tl.cast(bc2_sqrt_hi, ACC) + tl.cast(bc2_sqrt_mid, ACC) + tl.cast(bc2_sqrt_lo, ACC)
     eps = tl.cast(eps_hi, ACC) + tl.cast(eps_mid, ACC) + tl.cast(eps_lo, ACC)
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -1161,14 +1220,17 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, psf_ptr, backup_ptr, part_ptr, n, 
 
 
 def _adamw(p, g, m, v, psf, backup, coeff, stat_start, lr, beta1, beta2, eps, weight_decay, step, maximize,
-           mode, grid, n, table, nseg, nblocks, block) -> Optional[torch.Tensor]:
+           scalars, mode, grid, n, table, nseg, nblocks, block) -> Optional[torch.Tensor]:
     """One launch of the AdamW kernel (``table`` None: flat buffers; else the lists' first
     tensors, ``stat_start`` then being ``stat_first``); the statistics in _RESTORE_PSF mode."""
     lr, beta1, beta2 = float(lr), float(beta1), float(beta2)
-    # every scalar on the host, in Python floats, as the reference computes them
-    decay = 1.0 - lr * float(weight_decay)
-    step_size = lr / (1.0 - beta1 ** step)
-    bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    if scalars is None:
+        # every scalar on the host, in Python floats, as the reference computes them
+        decay = 1.0 - lr * float(weight_decay)
+        step_size = lr / (1.0 - beta1 ** step)
+        bc2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    else:                                       # the kernel reads them from ``scalars``
+        decay = step_size = bc2_sqrt = 0.0
     partials = _stats_scratch(grid[0], p.dtype, p.device) if mode == _RESTORE_PSF else p
     wide = p.dtype == torch.float64
     with _device_ctx(p):
@@ -1176,38 +1238,47 @@ def _adamw(p, g, m, v, psf, backup, coeff, stat_start, lr, beta1, beta2, eps, we
             p, g, m, v, p if psf is None else psf, p if backup is None else backup, partials, n, stat_start,
             *_split(coeff, wide), *_split(decay, wide), *_split(1.0 - beta1, wide), *_split(beta2, wide),
             *_split(1.0 - beta2, wide), *_split(step_size, wide), *_split(bc2_sqrt, wide), *_split(eps, wide),
-            p if table is None else table, nseg, nblocks,
-            MODE=mode, MAXIMIZE=bool(maximize), LIST=table is not None, ACC=_acc(p.dtype), BLOCK=block, **_LAUNCH)
+            p if scalars is None else scalars, p if table is None else table, nseg, nblocks,
+            MODE=mode, MAXIMIZE=bool(maximize), HAS_SCALARS=scalars is not None, LIST=table is not None,
+            ACC=_acc(p.dtype), BLOCK=block, **_LAUNCH)
     return _reduce_stats(partials) if mode == _RESTORE_PSF else None
 
 
 def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                psf: Optional[torch.Tensor], backup: Optional[torch.Tensor], coeff: float, stat_start: int,
                lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
-               maximize: bool) -> Optional[torch.Tensor]:
+               maximize: bool, scalars: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """torch.optim.AdamW's step (no amsgrad) fused with the restore or the reuse, one pass (see
-    ``reference.adamw_step``); ``step`` counts this step (1 on the first)."""
+    ``reference.adamw_step``); ``step`` counts this step (1 on the first). ``scalars``:
+    ``[coeff, 1 - lr * weight_decay, lr / (1 - beta1 ** step), sqrt(1 - beta2 ** step)]`` as a
+    float64 device tensor, read by the kernel instead of the values from the float arguments
+    (``vsam_ext.ops.scalars``; ``coeff`` still picks the mode, ``step`` must still be >= 1)."""
     coeff = float(coeff)
     _check(param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, psf=psf, backup=backup)
+    check_scalars("adamw_step", scalars, param.device)
+    _check_step("adamw_step", step)
     mode = _mode(psf, backup, coeff)
     n = param.numel()
     if n == 0:
         return _empty_sums(2, param) if mode == _RESTORE_PSF else None
     block = _block(n)
     return _adamw(param, grad, exp_avg, exp_avg_sq, psf, backup, coeff, _stat_start(stat_start, n), lr, beta1,
-                  beta2, eps, weight_decay, step, maximize, mode, _grid(n, block), n, None, 0, 0, block)
+                  beta2, eps, weight_decay, step, maximize, scalars, mode, _grid(n, block), n, None, 0, 0, block)
 
 
 def adamw_step_list(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
                     exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
                     psfs: Optional[Sequence[torch.Tensor]], backups: Optional[Sequence[torch.Tensor]],
                     coeff: float, stat_first: int, lr: float, beta1: float, beta2: float, eps: float,
-                    weight_decay: float, step: int, maximize: bool) -> Optional[torch.Tensor]:
-    """``adamw_step`` on every tensor of the lists, one launch; the statistics pair (restore mode
-    with ``psfs``) is over the tensors of index >= ``stat_first``."""
+                    weight_decay: float, step: int, maximize: bool,
+                    scalars: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """``adamw_step`` on every tensor of the lists, one launch (one ``scalars`` for all); the
+    statistics pair (restore mode with ``psfs``) is over the tensors of index >= ``stat_first``."""
     coeff = float(coeff)
     p0 = _check_lists("params", params, ("psfs", "backups"), grads=grads, exp_avgs=exp_avgs,
                       exp_avg_sqs=exp_avg_sqs, psfs=psfs, backups=backups)
+    check_scalars("adamw_step", scalars, _scalars_device(p0, scalars))
+    _check_step("adamw_step_list", step)
     mode = _mode(psfs, backups, coeff)
     if p0 is None:
         return _empty_sums(2, None) if mode == _RESTORE_PSF else None
@@ -1217,4 +1288,5 @@ def adamw_step_list(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor
         return _empty_sums(2, p0) if mode == _RESTORE_PSF else None
     return _adamw(p0, grads[0], exp_avgs[0], exp_avg_sqs[0], None if psfs is None else psfs[0],
                   None if backups is None else backups[0], coeff, _stat_first(stat_first, len(params)), lr, beta1,
-                  beta2, eps, weight_decay, step, maximize, mode, (nblocks,), 0, table, len(params), nblocks, block)
+                  beta2, eps, weight_decay, step, maximize, scalars, mode, (nblocks,), 0, table, len(params), nblocks,
+                  block)
