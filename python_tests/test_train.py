@@ -321,3 +321,52 @@ def test_verdict_lines_say_what_they_test():
     assert len(one_seed) == 2 and one_seed[0].endswith("n/a") and "seed" in one_seed[0]
     above = target_check([_row("sam", 90.0), _row("vsam", 90.5)])[0]
     assert above.endswith("PASS") and "seed" in above                # "or above" needs no std
+
+
+def test_kl_schedule_scales_the_authors_saf_mesa_settings():
+    from vsam_ext.train.loop import kl_schedule
+    assert kl_schedule(200, 78_000) == (5, pytest.approx(0.9998))      # the authors' CIFAR-10 run
+    start, decay = kl_schedule(8, 496)                                  # the --quick run: 8 epochs x 62 steps
+    assert start == 0 and decay == pytest.approx(1 - 15.6 / 496)
+    assert kl_schedule(40, 10, kl_start_epoch=7, mesa_decay=0.5) == (7, 0.5)
+    assert kl_schedule(3, 5)[1] == 0.0                                  # never below 0
+
+
+def test_table_has_ais_as_percent_of_sams():
+    from vsam_ext.train.report import format_table, summarize
+
+    def final(acc, ais, sam_steps):
+        return {"test_acc": acc, "sam_steps": sam_steps, "steps": 10, "sam_fraction": sam_steps / 10,
+                "train_time": 1000 / ais, "wall_time": 1.0, "ais": ais}
+    runs = [{"optimizer": o, "seed": s, "final": final(a, ais, k)}
+            for o, ais, k in (("sam", 400.0, 10), ("saf", 800.0, 0), ("mesa", 600.0, 0))
+            for s, a in ((0, 90.0), (1, 91.0))]
+    rows = summarize(runs, ["sam", "saf", "mesa"])
+    assert [r["ais_vs_sam"] for r in rows] == [100.0, 200.0, 150.0]
+    lines = format_table(rows).splitlines()
+    head = [c.strip() for c in lines[0].split("|")]
+    saf = [c.strip() for c in lines[3].split("|")]
+    assert saf[head.index("AIS / SAM's (%)")] == "200" and saf[head.index("SAM steps")] == "0 / 10"
+    assert saf[head.index("test acc (%)")] == "90.50 ± 0.71" and saf[head.index("sample fraction")] == "-"
+
+
+@pytest.mark.skipif(not HAVE_FMNIST, reason=f"Fashion-MNIST not found under {DATA} (set VSAM_EXT_DATA)")
+def test_smoke_run_of_saf_and_mesa(tmp_path):
+    """SAF and MESA through the tool: one pass per step (no SAM step), the KL term's settings in
+    the JSON, AIS against SAM's in the table."""
+    from vsam_ext.train import main
+
+    out = tmp_path / "run"
+    assert main(["--smoke", "--optimizers", "sam,saf,mesa", "--saf-epochs-ago", "1",
+                 "--threads", "1", "--no-progress", "--data-dir", DATA, "--out-dir", str(out)]) == 0
+    res = _strict_json(out / "results.json")
+    by = {r["optimizer"]: r for r in res["runs"]}
+    assert res["kl"]["kl_start_epoch"] == 0 and 0 < res["kl"]["mesa_decay"] < 0.9998
+    for name in ("saf", "mesa"):
+        f = by[name]["final"]
+        assert f["sam_steps"] == 0 and f["steps"] == 24 and f["ais"] > 0 and f["train_loss"] > 0
+        assert by[name]["kl_loss"]["kl_start_epoch"] == 0 and by[name]["kl_loss"]["memory_bytes"] > 0
+    assert by["saf"]["kl_loss"]["memory_bytes"] == 384 * 2 * (10 * 4 + 4)
+    assert by["mesa"]["kl_loss"]["updates"] == 24
+    table = (out / "results.md").read_text()
+    assert "AIS / SAM's (%)" in table and "| saf |" in table and "| mesa |" in table

@@ -2,12 +2,14 @@
 
 ``SAM`` (and ASAM), ``PeriodicSAM`` (SAM-k), ``VSAM`` (arXiv 2403.08821) and the rest of the
 efficient-SAM family (``LookSAM``, ``AESAM``, ``ESAM``, ``AUSAM``), on one two-pass driver
-over flat parameter buffers.
+over flat parameter buffers; ``SAF`` and ``MESA``, SAM-free losses used with any optimizer.
 """
 from .data import IndexedDataset
+from .mesa import MESA
 from .ops import available_backends
 from .optim import AESAM, AUSAM, ESAM, SAM, VSAM, LookSAM, PeriodicSAM
+from .saf import SAF
 
 __version__ = "0.2.0"
-__all__ = ["SAM", "VSAM", "PeriodicSAM", "LookSAM", "AESAM", "ESAM", "AUSAM", "IndexedDataset",
+__all__ = ["SAM", "VSAM", "PeriodicSAM", "LookSAM", "AESAM", "ESAM", "AUSAM", "SAF", "MESA", "IndexedDataset",
            "available_backends", "__version__"]

@@ -1,13 +1,15 @@
-"""Every constructor argument of every optimizer and its allowed values: the one table the
-constructors (and the controllers they build) check against. ``python_tests/test_arguments.py``
-walks it. A violation is a ``TypeError`` (wrong type) or ``ValueError`` (out of range) naming
-the argument, the value and what is allowed.
+"""Every constructor argument of every optimizer (and of the loss-side ``SAF`` and ``MESA``) and
+its allowed values: the one table the constructors (and the controllers they build) check
+against. ``python_tests/test_arguments.py`` walks it. A violation is a ``TypeError`` (wrong
+type) or ``ValueError`` (out of range) naming the argument, the value and what is allowed.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
+
+import torch
 
 __all__ = ["Rule", "TABLE", "check", "check_int", "check_float", "Default", "is_default"]
 
@@ -104,6 +106,14 @@ TABLE: Dict[str, Dict[str, Rule]] = {
                   f_min=Rule("float", 0.0, 1.0, low_open=True), f_max=Rule("float", "f_min", 1.0),
                   ramp_epochs=Rule("int", 0), seed=_SEED),
 }
+# SAF and MESA (vsam_ext/saf.py, mesa.py): loss-side objects, not optimizers; the same checks.
+_KL = dict(epochs=Rule("int", 1), lam=Rule("float", 0.0, INF, high_open=True),
+           temperature=Rule("float", 0.0, INF, low_open=True, high_open=True),
+           kl_start_epoch=Rule("int", 0), kl_end_epoch=Rule("int", 0, optional=True))
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TABLE["SAF"] = dict(_KL, num_samples=Rule("int", 1), num_classes=Rule("int", 2), epochs_ago=Rule("int", 1),
+                    dtype=Rule("choice", choices=_FLOATS))
+TABLE["MESA"] = dict(_KL, decay=Rule("float", 0.0, 1.0), buffers=Rule("choice", choices=("average", "copy")))
 
 
 def check(owner: str, name: str, value, **others):

@@ -1,5 +1,6 @@
 """``python -m vsam_ext.train``: train real models on the offline datasets with SGD, SAM, SAM-5,
-vSAM and vSAM-A, several seeds, and write a table, a JSON file of every epoch and PNG plots.
+vSAM, vSAM-A and the rest of the family (SAF and MESA included), several seeds, and write a
+table, a JSON file of every epoch and PNG plots.
 
 Settings are resolved in this order, later ones winning: the built-in defaults, the dataset's
 defaults (model, epochs, augmentation), the preset (``--quick`` or ``--smoke``), the options
@@ -8,11 +9,13 @@ given on the command line. Run ``python -m vsam_ext.train --help`` for every opt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shlex
 import sys
 import time
+import warnings
 from typing import List, Optional
 
 __all__ = ["main", "build_parser", "resolve"]
@@ -47,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vsam_ext.train",
         description="Train real models on the offline datasets with SGD, SAM, SAM-5, vSAM, vSAM-A and the rest of "
-                    "the family (ASAM, LookSAM, AE-SAM, ESAM, AUSAM), and "
+                    "the family (ASAM, LookSAM, AE-SAM, ESAM, AUSAM, SAF, MESA), and "
                     "write a table, a JSON file of every epoch, and PNG plots. Settings: built-in defaults < "
                     "the dataset's defaults < the preset (--quick/--smoke) < the options given.")
     g = p.add_argument_group("what to run")
@@ -60,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cnn | resnet18 | wrn16_4 | wrn28_10 | wrn<depth>_<widen>; default: cnn for fmnist, "
                         "resnet18 for CIFAR-10")
     g.add_argument("--optimizers", default=None, help=f"comma-separated, of sgd,sam,sam5,vsam,vsam-a,asam,looksam,"
-                                                      f"aesam,esam,ausam (default {DEFAULT_OPTIMIZERS})")
+                                                      f"aesam,esam,ausam,saf,mesa (default {DEFAULT_OPTIMIZERS})")
     g.add_argument("--seeds", default=None, help="comma-separated seeds (default 0); each seed gives every "
                                                  "optimizer the same initial weights, batches and augmentations")
     g = p.add_argument_group("recipe")
@@ -97,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ausam-ramp-epochs", type=int, default=None,
                    help="ausam: epochs over which f_max ramps up (default: the authors' 30 of 200 epochs, "
                         "scaled to --epochs)")
+    g.add_argument("--saf-lam", type=float, default=0.3, help="saf: weight lambda of the KL term (default 0.3)")
+    g.add_argument("--saf-epochs-ago", type=int, default=3,
+                   help="saf: age of the reference logits in epochs, E~ (default 3)")
+    g.add_argument("--mesa-lam", type=float, default=0.8, help="mesa: weight lambda of the KL term (default 0.8)")
+    g.add_argument("--kl-temperature", type=float, default=5.0, help="saf, mesa: temperature (default 5)")
+    g.add_argument("--kl-start-epoch", type=int, default=None,
+                   help="saf, mesa: the KL term is on after this epoch (0-based) to the end (default: the "
+                        "authors' 5 of 200 epochs, scaled to --epochs)")
+    g.add_argument("--mesa-decay", type=float, default=None,
+                   help="mesa: EMA decay (default: the authors' 0.9998, whose memory of 5000 steps is 1/15.6 of "
+                        "their 78 000, scaled to the run's steps: 1 - 15.6 / steps)")
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default=None,
                    help="folder of the offline datasets (fashion_mnist/, cifar10/). Default: $VSAM_EXT_DATA if set, "
@@ -218,7 +232,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .. import __version__, available_backends
     from . import report
     from .data import Augment, load_dataset, steps_per_epoch
-    from .loop import OPTIMIZERS, VSAM_LIKE, TrainConfig, train_run, vsam_schedule
+    from .loop import KL_LOSSES, OPTIMIZERS, VSAM_LIKE, TrainConfig, kl_schedule, train_run, vsam_schedule
     from .models import build_model, input_shape
 
     optimizers = _parse_list(cfg["optimizers"], str, "optimizers")
@@ -294,13 +308,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                      period=args.period, vsam_options=vsam_options, device=str(device), backend=args.backend,
                      progress=not args.no_progress, asam_rho=args.asam_rho, looksam_k=args.looksam_k,
                      looksam_alpha=args.looksam_alpha, esam_beta=args.esam_beta, esam_gamma=args.esam_gamma,
-                     ausam_alpha=args.ausam_alpha, ausam_ramp_epochs=args.ausam_ramp_epochs)
-    from .loop import make_optimizer
+                     ausam_alpha=args.ausam_alpha, ausam_ramp_epochs=args.ausam_ramp_epochs,
+                     saf_lam=args.saf_lam, saf_epochs_ago=args.saf_epochs_ago, mesa_lam=args.mesa_lam,
+                     kl_temperature=args.kl_temperature, kl_start_epoch=args.kl_start_epoch,
+                     mesa_decay=args.mesa_decay)
+    from .loop import make_kl_loss, make_optimizer
     for name in optimizers:                      # bad options fail now, not after hours
         try:
             make_optimizer(name, torch.nn.Linear(2, 2), tc, 0)
+            with warnings.catch_warnings():      # an empty KL window warns once, in the run itself
+                warnings.simplefilter("ignore")
+                make_kl_loss(name, torch.nn.Linear(2, 2), dataclasses.replace(tc, device="cpu"), total, 1, 2)
         except (ValueError, TypeError) as exc:
             raise SystemExit(f"{name} options: {exc}") from None
+    kl_start, mesa_decay = kl_schedule(cfg["epochs"], total, args.kl_start_epoch, args.mesa_decay)
     command = "python -m vsam_ext.train " + " ".join(shlex.quote(a) for a in (argv if argv is not None
                                                                               else sys.argv[1:]))
     env = {"torch": torch.__version__, "vsam_ext": __version__, "python": platform.python_version(),
@@ -321,11 +342,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         log(f"  vSAM     warm-up {warmup} steps ({100.0 * warmup / max(1, total):.1f}% of {total}), "
             f"window K = {window} ({n_windows:.1f} windows after warm-up)"
             + (f"; {vsam_options}" if vsam_options else ""))
+    if any(o in KL_LOSSES for o in optimizers):
+        log(f"  SAF/MESA KL term on for epochs {kl_start + 2}..{cfg['epochs']} (1-based; after 0-based epoch "
+            f"{kl_start}), T {args.kl_temperature}"
+            + (f"; saf lambda {args.saf_lam}, E~ {args.saf_epochs_ago}" if "saf" in optimizers else "")
+            + (f"; mesa lambda {args.mesa_lam}, EMA decay {mesa_decay:.6g}" if "mesa" in optimizers else ""))
     log(f"  runs     {','.join(optimizers)} x seeds {','.join(map(str, seeds))}")
 
     payload = {"command": command, "settings": cfg, "train_config": tc.to_dict(),
                "vsam": {"warmup_steps": warmup, "window": window, "windows_after_warmup": n_windows,
                         "total_steps": total, "steps_per_epoch": spe},
+               "kl": {"kl_start_epoch": kl_start, "mesa_decay": mesa_decay, "epochs_numbered_from": 0},
                "data": {"dataset": data.name, "train": len(data.y_train), "test": len(data.y_test),
                         "val": 0 if data.y_val is None else len(data.y_val),
                         "augmentation": data.augment.describe()},
@@ -377,10 +404,17 @@ def write_reports(payload: dict, out_dir: str, log=print) -> dict:
           f"window {v['window']}; device {env['device_name']}" + (f", {threads} thread{'s' if threads > 1 else ''}" if threads else "")
           + f"; torch {env['torch']}.",
           "", "Test accuracy: final epoch, mean ± sample std over seeds. Wall time: of the training steps "
-          "including batching and augmentation, evaluation excluded; AIS = training images / wall time; "
+          "including batching and augmentation, evaluation excluded; AIS (average images per second) = "
+          "training images / that wall time, mean over seeds; AIS / SAM's = 100 x AIS / SAM's AIS (needs a sam "
+          "run); SAM steps: steps with a second (perturbed) pass, 0 for sgd, saf and mesa. "
           "CPU time: the process's CPU seconds over the same span (all threads; on a shared machine with "
           "--threads 1 it is close to the wall time the run would take alone).",
           "", table, ""]
+    kl = payload.get("kl")
+    if kl and present & {"saf", "mesa"}:
+        md[-3:-3] = ["", f"SAF/MESA: KL term after 0-based epoch {kl['kl_start_epoch']} to the end"
+                     + (f"; MESA EMA decay {kl['mesa_decay']:.6g}" if "mesa" in present else "")
+                     + " (the authors' 5 of 200 epochs and 0.9998 over 78 000 steps, scaled to the run)."]
     if checks:
         md += ["Checks of the vSAM variants against the target (one line each: what is compared, the "
                "threshold, PASS / FAIL / n/a):", ""]

@@ -17,16 +17,35 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .. import AESAM, AUSAM, ESAM, SAM, VSAM, LookSAM, PeriodicSAM
+from .. import AESAM, AUSAM, ESAM, MESA, SAF, SAM, VSAM, LookSAM, PeriodicSAM
 from ..controller import vsam_schedule      # the library's rule (VSAM(total_steps=...)): one place
 from .data import Data, batches, steps_per_epoch
 from .models import build_model
 
-__all__ = ["OPTIMIZERS", "TrainConfig", "vsam_schedule", "make_optimizer", "train_run", "evaluate"]
+__all__ = ["OPTIMIZERS", "TrainConfig", "vsam_schedule", "kl_schedule", "make_optimizer", "make_kl_loss",
+           "train_run", "evaluate"]
 
-OPTIMIZERS = ("sgd", "sam", "sam5", "vsam", "vsam-a", "asam", "looksam", "aesam", "esam", "ausam")
+OPTIMIZERS = ("sgd", "sam", "sam5", "vsam", "vsam-a", "asam", "looksam", "aesam", "esam", "ausam", "saf", "mesa")
 VSAM_LIKE = ("vsam", "vsam-a")
 PER_SAMPLE = ("esam", "ausam")       # closure(indices) -> per-sample losses
+KL_LOSSES = ("saf", "mesa")          # SGD + a loss object (vsam_ext.SAF / MESA), one pass per step
+
+# The authors' SAF/MESA schedule is for CIFAR-10, 200 epochs at batch 128 (390 steps an epoch):
+# the KL term from epoch 5 on, MESA's EMA decay 0.9998 (a memory of 1 / (1 - d) = 5000 steps).
+AUTHORS_EPOCHS, AUTHORS_KL_START, AUTHORS_STEPS, AUTHORS_DECAY = 200, 5, 200 * 390, 0.9998
+
+
+def kl_schedule(epochs: int, total_steps: int, kl_start_epoch: Optional[int] = None,
+                mesa_decay: Optional[float] = None) -> Tuple[int, float]:
+    """SAF's and MESA's ``(kl_start_epoch, decay)`` scaled to the run, as vSAM's warm-up is:
+    the KL term starts at the same fraction of the epochs as the authors' 5 of 200
+    (``round(5 / 200 * epochs)``; it ends with the run), and the EMA's memory ``1 / (1 - d)`` is
+    the same fraction of the steps as the authors' 5000 of 78 000 (``d = 1 - 0.0002 * 78000 /
+    total_steps``, at least 0); a value given wins."""
+    start = round(AUTHORS_KL_START / AUTHORS_EPOCHS * epochs) if kl_start_epoch is None else kl_start_epoch
+    decay = max(0.0, 1.0 - (1.0 - AUTHORS_DECAY) * AUTHORS_STEPS / max(1, total_steps)) \
+        if mesa_decay is None else mesa_decay
+    return start, decay
 
 
 @dataclass
@@ -51,6 +70,12 @@ class TrainConfig:
     esam_gamma: float = 0.5
     ausam_alpha: float = 0.5
     ausam_ramp_epochs: Optional[int] = None   # None: the authors' 30 of 200 epochs, scaled to the run
+    saf_lam: float = 0.3
+    saf_epochs_ago: int = 3
+    mesa_lam: float = 0.8
+    kl_temperature: float = 5.0
+    kl_start_epoch: Optional[int] = None      # None: the authors' 5 of 200 epochs, scaled (kl_schedule)
+    mesa_decay: Optional[float] = None        # None: the authors' 0.9998 scaled to the run's steps
     device: str = "cpu"
     backend: Optional[str] = None
     eval_batch: int = 1000
@@ -67,11 +92,12 @@ def make_optimizer(name: str, model: nn.Module, cfg: TrainConfig, seed: int, tot
                    num_samples: int = 1) -> torch.optim.Optimizer:
     """``sgd``: torch.optim.SGD; ``sam``: SAM; ``sam5``: PeriodicSAM(period); ``vsam``: VSAM;
     ``vsam-a``: VSAM(reuse_decay=0); ``asam``: SAM(adaptive=True, rho=asam_rho); ``looksam``,
-    ``aesam`` (over ``total_steps``), ``esam``, ``ausam`` (over ``num_samples``). All: SGD base
-    with momentum, weight decay; same LR."""
+    ``aesam`` (over ``total_steps``), ``esam``, ``ausam`` (over ``num_samples``); ``saf``,
+    ``mesa``: torch.optim.SGD (their loss comes from ``make_kl_loss``). All: SGD base with
+    momentum, weight decay; same LR."""
     base = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     params = model.parameters()
-    if name == "sgd":
+    if name == "sgd" or name in KL_LOSSES:
         return torch.optim.SGD(params, **base)
     common = dict(rho=cfg.rho, model=model, backend=cfg.backend)
     if name == "sam":
@@ -97,6 +123,20 @@ def make_optimizer(name: str, model: nn.Module, cfg: TrainConfig, seed: int, tot
         return AUSAM(params, torch.optim.SGD, num_samples=num_samples, alpha=cfg.ausam_alpha, ramp_epochs=ramp,
                      seed=seed, **common, **base)
     raise ValueError(f"unknown optimizer {name!r}; known: {list(OPTIMIZERS)}")
+
+
+def make_kl_loss(name: str, model: nn.Module, cfg: TrainConfig, total_steps: int, num_samples: int,
+                 num_classes: int):
+    """``saf``: ``vsam_ext.SAF`` (its table on the training device), ``mesa``: ``vsam_ext.MESA``,
+    with the authors' defaults and ``kl_schedule``'s start and decay; None for the others."""
+    if name not in KL_LOSSES:
+        return None
+    start, decay = kl_schedule(cfg.epochs, total_steps, cfg.kl_start_epoch, cfg.mesa_decay)
+    common = dict(epochs=cfg.epochs, temperature=cfg.kl_temperature, kl_start_epoch=start)
+    if name == "saf":
+        return SAF(num_samples, num_classes, lam=cfg.saf_lam, epochs_ago=cfg.saf_epochs_ago, device=cfg.device,
+                   **common)
+    return MESA(model, lam=cfg.mesa_lam, decay=decay, **common)
 
 
 class StatsRecorder:
@@ -207,6 +247,7 @@ def train_run(opt_name: str, seed: int, data: Data, cfg: TrainConfig, position: 
     spe = steps_per_epoch(len(data.y_train), cfg.batch_size, cfg.drop_last)
     total = spe * cfg.epochs
     opt = make_optimizer(opt_name, model, cfg, seed, total_steps=total, num_samples=len(data.y_train))
+    kl_loss = make_kl_loss(opt_name, model, cfg, total, len(data.y_train), data.num_classes)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))   # per step
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     per_sample = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, reduction="none")
@@ -257,6 +298,15 @@ def train_run(opt_name: str, seed: int, data: Data, cfg: TrainConfig, position: 
                 opt.zero_grad(set_to_none=True)
                 loss = closure()
                 opt.step()
+            elif opt_name in KL_LOSSES:          # epochs are 1-based here, 0-based for SAF/MESA
+                opt.zero_grad(set_to_none=True)
+                out = model(x)
+                loss = criterion(out, y) + kl_loss.kl_term(out, idx if opt_name == "saf" else x, epoch - 1)
+                loss.backward()
+                opt.step()
+                if opt_name == "mesa":
+                    kl_loss.update()
+                first += [out.detach(), y]
             elif opt_name == "ausam":
                 loss = opt.step(sample_closure, idx)
             elif opt_name in PER_SAMPLE:
@@ -312,5 +362,11 @@ def train_run(opt_name: str, seed: int, data: Data, cfg: TrainConfig, position: 
     if "val_acc" in last:
         final["val_acc"] = last["val_acc"]
     run = {"optimizer": opt_name, "seed": seed, "backend": backend, "epochs": epochs, "final": final}
+    if kl_loss is not None:
+        run["kl_loss"] = {"lam": kl_loss.lam, "temperature": kl_loss.temperature,
+                          "kl_start_epoch": kl_loss.kl_start_epoch, "kl_end_epoch": kl_loss.kl_end_epoch,
+                          "epochs_numbered_from": 0, "memory_bytes": kl_loss.memory_bytes,
+                          **({"epochs_ago": kl_loss.epochs_ago} if opt_name == "saf" else
+                             {"decay": kl_loss.decay, "updates": kl_loss.updates})}
     run.update(rec.to_dict(step))
     return run

@@ -11,7 +11,9 @@ from typing import Dict, Iterable, List, Optional
 __all__ = ["summarize", "format_table", "target_check", "write_json", "window_fractions", "plot_all"]
 
 COLORS = {"sgd": "tab:gray", "sam": "tab:blue", "sam5": "tab:orange", "vsam": "tab:red", "vsam-a": "tab:purple",
-          "asam": "tab:cyan", "looksam": "tab:green", "aesam": "tab:olive", "esam": "tab:brown", "ausam": "tab:pink"}
+          "asam": "tab:cyan", "looksam": "tab:green", "aesam": "tab:olive", "esam": "tab:brown", "ausam": "tab:pink",
+          "saf": "gold", "mesa": "teal"}
+NO_SAM = ("sgd", "saf", "mesa")      # one pass per step: no SAM step, no sample fraction
 
 # vsam and vsam-a share their warm-up (every step SAM, the same statistics) and often their
 # quota: their curves coincide there. vsam is drawn wide and solid underneath, vsam-a thin and
@@ -38,6 +40,7 @@ def summarize(runs: List[dict], optimizers: Iterable[str]) -> List[dict]:
     for r in runs:
         by.setdefault(r["optimizer"], []).append(r["final"])
     sam_time = _m([f["train_time"] for f in by.get("sam", [])])
+    sam_ais = _m([f["ais"] for f in by.get("sam", [])])
     for name in optimizers:
         fs = by.get(name)
         if not fs:
@@ -51,6 +54,7 @@ def summarize(runs: List[dict], optimizers: Iterable[str]) -> List[dict]:
                "train_cpu_time": _m([f.get("train_cpu_time", float("nan")) for f in fs]),
                "ais": _m([f["ais"] for f in fs]), "diverged": sum(bool(f.get("diverged")) for f in fs)}
         row["time_vs_sam"] = row["train_time"] / sam_time if sam_time == sam_time and sam_time > 0 else float("nan")
+        row["ais_vs_sam"] = 100.0 * row["ais"] / sam_ais if sam_ais == sam_ais and sam_ais > 0 else float("nan")
         if all("val_acc" in f for f in fs):
             val = [f["val_acc"] for f in fs]
             row["val_acc_mean"], row["val_acc_std"] = _m(val), _s(val)
@@ -69,19 +73,20 @@ def format_table(rows: List[dict]) -> str:
     has_val = any("val_acc_mean" in r for r in rows)
     head = ["optimizer", "seeds", "test acc (%)"] + (["val acc (%)"] if has_val else []) + \
            ["SAM steps", "SAM fraction", "sample fraction", "wall time (s)", "time / SAM", "AIS (img/s)",
-            "CPU time (s)"]
+            "AIS / SAM's (%)", "CPU time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
     for r in rows:
         cells = [r["optimizer"] + (" (diverged)" if r["diverged"] else ""), str(r["seeds"]),
                  _pm(r["test_acc_mean"], r["test_acc_std"])]
         if has_val:
             cells.append(_pm(r.get("val_acc_mean", float("nan")), r.get("val_acc_std", float("nan"))))
-        cells += ["-" if r["optimizer"] == "sgd" else f"{r['sam_steps']:.0f} / {r['steps']:.0f}",
-                  "-" if r["optimizer"] == "sgd" else f"{r['sam_fraction']:.3f}",
-                  "-" if r["optimizer"] == "sgd" else f"{r['sample_fraction']:.3f}",
+        cells += [f"{r['sam_steps']:.0f} / {r['steps']:.0f}", f"{r['sam_fraction']:.3f}",
+                  "-" if r["optimizer"] in NO_SAM else f"{r['sample_fraction']:.3f}",
                   f"{r['train_time']:.1f}",
                   "-" if r["time_vs_sam"] != r["time_vs_sam"] else f"{r['time_vs_sam']:.2f}",
                   f"{r['ais']:.0f}",
+                  "-" if r.get("ais_vs_sam", float("nan")) != r.get("ais_vs_sam", float("nan"))
+                  else f"{r['ais_vs_sam']:.0f}",
                   "-" if r["train_cpu_time"] != r["train_cpu_time"] else f"{r['train_cpu_time']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
