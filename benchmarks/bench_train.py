@@ -13,6 +13,10 @@ Methods (``method``):
 * ``sam``, ``sam5``, ``vsam``  vsam_ext's SAM, PeriodicSAM(period=5) and VSAM (paper defaults,
   ``warmup_steps`` = this script's warm-up steps, so the timed run is all in the sampling regime)
   with their default backend;
+* ``sam-graphed``, ``vsam-graphed``  ``sam`` and ``vsam`` stepped by ``vsam_ext.GraphedStep``: the
+  whole step (both forward/backward passes included) replayed from CUDA graphs, the batch copied
+  into static tensors each step; ``--fixed-batch`` on cuda only (left out of the default list
+  elsewhere);
 * ``asam``, ``looksam``, ``aesam``, ``esam``, ``ausam``  the rest of vsam_ext's family with the
   authors' defaults (ASAM official flavour rho 0.5; LookSAM-5; AE-SAM over the warm-up + timed
   steps; ESAM beta = gamma = 0.5; AUSAM alpha 0.5, its first epoch = the whole batch, so the
@@ -37,6 +41,8 @@ its ``--results-md`` section is ``bench_train_fixed <device>``, apart from the l
 
     python benchmarks/bench_train.py --device cuda --repeats 3
     python benchmarks/bench_train.py --device cuda --fixed-batch --models resnet18 --steps 200 --repeats 2
+    python benchmarks/bench_train.py --device cuda --fixed-batch --models resnet18 --batch 32 \
+        --methods sgd-fused,sam-torch,sam,sam-graphed,vsam,vsam-graphed --steps 200 --repeats 2
     python benchmarks/bench_train.py --quick          # CPU smoke run: ResNet-18, batch 8, 3 steps
 """
 from __future__ import annotations
@@ -54,13 +60,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from vsam_ext import AESAM, AUSAM, ESAM, SAM, VSAM, IndexedDataset, LookSAM, PeriodicSAM  # noqa: E402
+from vsam_ext.graphs import GraphedStep  # noqa: E402
 
 LR, MOMENTUM, WD, RHO = 0.1, 0.9, 5e-4, 0.05
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 METHODS = ["sgd-foreach", "sgd-fused", "sam-torch", "sam-authors", "sam", "sam5", "vsam",
-           "asam", "looksam", "aesam", "esam", "ausam"]
-OURS = ["sam", "sam5", "vsam", "asam", "looksam", "aesam", "esam", "ausam"]
+           "asam", "looksam", "aesam", "esam", "ausam", "sam-graphed", "vsam-graphed"]
+OURS = ["sam", "sam5", "vsam", "asam", "looksam", "aesam", "esam", "ausam", "sam-graphed", "vsam-graphed"]
+GRAPHED = ["sam-graphed", "vsam-graphed"]    # GraphedStep: CUDA graphs, --fixed-batch on cuda only
 SUBSET = ["esam", "ausam"]         # SAM passes on a subset of each batch: no ideal
 
 
@@ -228,6 +236,8 @@ def build_method(method: str, model, sgd_flags: dict, warmup: int, total_steps: 
         stepper = AuthorsSAM(model, torch.optim.SGD(model.parameters(), **kw, foreach=False))
         return (lambda x, y, idx: stepper.step(x, y)), None
     params = model.parameters()
+    if method in GRAPHED:
+        return _graphed(method, model, kw, warmup)
     if method in SUBSET:
         if method == "esam":
             opt = ESAM(params, torch.optim.SGD, rho=RHO, model=model, **kw)
@@ -261,6 +271,30 @@ def build_method(method: str, model, sgd_flags: dict, warmup: int, total_steps: 
             loss.backward()
             return loss
         opt.step(closure)
+    return step, opt
+
+
+def _graphed(method: str, model, kw: dict, warmup: int):
+    """``sam``/``vsam`` with ``GraphedStep``: the batch is copied into static tensors each step."""
+    if method == "sam-graphed":
+        opt = SAM(model.parameters(), torch.optim.SGD, rho=RHO, model=model, **kw)
+    else:
+        opt = VSAM(model.parameters(), torch.optim.SGD, rho=RHO, model=model, warmup_steps=warmup, **kw)
+    static = {}
+
+    def closure():
+        loss = F.cross_entropy(model(static["x"]), static["y"])
+        loss.backward()
+        return loss
+    graphed = GraphedStep(opt, closure)
+
+    def step(x, y, idx):
+        if not static:
+            static["x"], static["y"] = x.clone(), y.clone()
+        else:
+            static["x"].copy_(x)
+            static["y"].copy_(y)
+        graphed()
     return step, opt
 
 
@@ -328,10 +362,14 @@ def main(argv=None) -> int:
         print(f"# NOTE: {note}", file=sys.stderr)
         env["models"] = note
         models = [m for m in models if m == "resnet18"]
-    methods = args.methods.split(",") if args.methods else [m for m in METHODS if not (q and m == "sam-authors")]
+    graphs_ok = device.type == "cuda" and args.fixed_batch
+    methods = args.methods.split(",") if args.methods else [
+        m for m in METHODS if not (q and m == "sam-authors") and (graphs_ok or m not in GRAPHED)]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         ap.error(f"--methods: unknown {bad}; known {METHODS}")
+    if not graphs_ok and any(m in GRAPHED for m in methods):
+        ap.error(f"--methods: {GRAPHED} need --device cuda and --fixed-batch (CUDA graphs, static batch)")
     order = sorted(methods, key=METHODS.index)       # SGDs first: sam-torch uses the faster one
 
     loader = make_fixed_batch(args, device) if args.fixed_batch else make_loader(args, device)

@@ -56,7 +56,9 @@
 #                      slowest kernels with their GB/s: is a step host-bound or which kernel is
 #                      slow); then the verdict against the targets (segment_sumsq >= 90 % of copy
 #                      on both GPU backends at every tensor count; triton vsam_sampling at
-#                      ResNet-50 >= 90 %). Writes OUT/issue15.md.
+#                      ResNet-50 >= 90 %). Writes OUT/issue15.md. Item 4: test_graphs.py and
+#                      test_device_scalars_kernels.py, and bench_train --fixed-batch at batch 32 and
+#                      128 with sam/vsam eager and replayed from CUDA graphs (OUT/bench/graphs_b*/).
 #   --baseline REV     with --issue15: also build REV (git archive into OUT/baseline/src; e.g. the
 #                      commit before the issue-15 changes, c52413f^) and run the same benchmarks
 #                      and probe with it on the same machine; the verdict shows both
@@ -438,7 +440,7 @@ if [ "$SKIP_TESTS" = 0 ]; then
     read -r -a TARGETS <<< "$TESTS_ARGS"
   elif [ "$ISSUE15" = 1 ]; then
     TARGETS=(python_tests/test_segment_launches.py python_tests/test_cuda.py python_tests/test_triton_lists.py
-             python_tests/test_triton_ptx.py)
+             python_tests/test_triton_ptx.py python_tests/test_graphs.py python_tests/test_device_scalars_kernels.py)
   elif [ "$QUICK" = 1 ]; then
     TARGETS=(python_tests/test_cuda.py python_tests/test_controller.py)
   else
@@ -491,7 +493,14 @@ if [ "$SKIP_BENCH" = 0 ]; then
   run_phase bench_step "$BENCH_TIMEOUT" "$OUT/bench/bench_step.log" \
     "$PY" benchmarks/bench_step.py --device "$DEV" ${S[@]+"${S[@]}"} --out "$OUT/bench"
   if [ "$ISSUE15" = 1 ]; then
-    record bench_train skip 0 "--issue15"
+    # item 4: the step replayed from CUDA graphs (GraphedStep) against the eager step, batch 32 and 128
+    for B in 32 128; do
+      mkdir -p "$OUT/bench/graphs_b$B"
+      run_phase "bench_train_graphs_b$B" "$BENCH_TIMEOUT" "$OUT/bench/graphs_b$B/bench_train.log" \
+        "$PY" benchmarks/bench_train.py --device "$DEV" --fixed-batch --models resnet18 --batch "$B" \
+        --methods sgd-fused,sam-torch,sam,sam-graphed,vsam,vsam-graphed --steps 200 --warmup 20 --repeats 2 \
+        --out "$OUT/bench/graphs_b$B"
+    done
     printf '%s\n' "$PROBE_PY" > "$OUT/issue15_probe.py"
     run_phase probe "$BENCH_TIMEOUT" "$OUT/bench/probe.log" "$PY" "$OUT/issue15_probe.py" "$REPO" "$DEV" \
       "$OUT/bench/probe.json"

@@ -24,6 +24,10 @@ COMPANIONS = {("VSAM", "window"): {"slices": 1}, ("AUSAM", "f_min"): {"f_max": 1
 def build(owner, **kw):
     model = torch.nn.Linear(3, 2)
     args = dict(REQUIRED.get(owner, {}), **kw)
+    if owner == "GraphedStep":             # on the CPU with the tests' stand-in for CUDA graphs
+        from traced_graph import TracedGraph
+        opt = vx.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+        return vx.GraphedStep(opt, lambda: None, graph_type=TracedGraph, **args)
     if owner in LOSSES:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")    # an edge value may leave the KL window empty: a warning
@@ -98,3 +102,5 @@ def test_the_table_covers_every_constructor_argument():
         names = set(inspect.signature(cls.__init__).parameters) - free - ({"device"} if owner in LOSSES else set())
         assert names <= set(TABLE[owner]), (owner, names - set(TABLE[owner]))
         assert owner in LOSSES or shared <= set(TABLE[owner])
+    graphed = set(inspect.signature(vx.GraphedStep.__init__).parameters) - {"self", "opt", "closure", "graph_type"}
+    assert graphed == set(TABLE["GraphedStep"])

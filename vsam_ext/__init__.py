@@ -5,6 +5,7 @@ efficient-SAM family (``LookSAM``, ``AESAM``, ``ESAM``, ``AUSAM``), on one two-p
 over flat parameter buffers; ``SAF`` and ``MESA``, SAM-free losses used with any optimizer.
 """
 from .data import IndexedDataset
+from .graphs import GraphedStep
 from .mesa import MESA
 from .ops import available_backends
 from .optim import AESAM, AUSAM, ESAM, SAM, VSAM, LookSAM, PeriodicSAM
@@ -12,4 +13,4 @@ from .saf import SAF
 
 __version__ = "0.2.0"
 __all__ = ["SAM", "VSAM", "PeriodicSAM", "LookSAM", "AESAM", "ESAM", "AUSAM", "SAF", "MESA", "IndexedDataset",
-           "available_backends", "__version__"]
+           "GraphedStep", "available_backends", "__version__"]

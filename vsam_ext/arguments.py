@@ -113,6 +113,7 @@ _KL = dict(epochs=Rule("int", 1), lam=Rule("float", 0.0, INF, high_open=True),
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TABLE["SAF"] = dict(_KL, num_samples=Rule("int", 1), num_classes=Rule("int", 2), epochs_ago=Rule("int", 1),
                     dtype=Rule("choice", choices=_FLOATS))
+TABLE["GraphedStep"] = dict(warmup_steps=Rule("int", 1))   # vsam_ext/graphs.py
 TABLE["MESA"] = dict(_KL, decay=Rule("float", 0.0, 1.0), buffers=Rule("choice", choices=("average", "copy")))
 
 

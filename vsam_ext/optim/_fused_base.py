@@ -12,12 +12,14 @@ sharded checkpoint saves); the fused ops take lists of their local tensors.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import List, Optional
 
 import torch
 
 from ..flat import FlatBuffer, segment_view
+from ..ops.scalars import adamw_scalars, sgd_scalars
 from ..shards import is_dtensor
 
 __all__ = ["fused_base_for"]
@@ -145,16 +147,35 @@ class FusedSGD(_FusedBase):
         return super().prepare(buffers, groups)
 
     def step(self, ops, buf: FlatBuffer, group: dict, psf, backup, coeff: float):
+        stats = self.launch(ops, buf, group, psf, backup, coeff)
+        self.advance(buf, group)
+        return stats
+
+    def launch(self, ops, buf: FlatBuffer, group: dict, psf, backup, coeff: float, scalars=None):
+        """The fused op alone, no bookkeeping (what a captured step records). With ``scalars``
+        (``sgd_scalars``) lr and coeff are read from the device; the floats passed are NaN, so a
+        kernel that read them instead would show it."""
         momentum = group["momentum"]
         first = self.first.get(id(buf), True)
         mbuf = self.flat_state[id(buf)]["momentum_buffer"] if momentum != 0 else None
-        stats = ops.sgd_step(buf.param, buf.grad, mbuf, psf, backup, coeff, buf.stat_start, group["lr"],
-                             group["weight_decay"], momentum, group["dampening"], group["nesterov"],
-                             group["maximize"], first)
-        if momentum != 0 and first:
+        lr = group["lr"] if scalars is None else math.nan
+        return ops.sgd_step(buf.param, buf.grad, mbuf, psf, backup, coeff, buf.stat_start, lr,
+                            group["weight_decay"], momentum, group["dampening"], group["nesterov"],
+                            group["maximize"], first, scalars)
+
+    def advance(self, buf: FlatBuffer, group: dict) -> None:
+        """After the op: the momentum buffers exist from the first step on."""
+        if group["momentum"] != 0 and self.first.get(id(buf), True):
             self.first[id(buf)] = False
             self._install(buf)
-        return stats
+
+    def scalars(self, buf: FlatBuffer, group: dict, coeff: float) -> List[float]:
+        """This step's device scalars (``vsam_ext.ops.scalars``)."""
+        return sgd_scalars(coeff, group["lr"])
+
+    def settled(self, buf: FlatBuffer, group: dict) -> bool:
+        """Whether the next steps run the same kernels (no first step to come)."""
+        return group["momentum"] == 0 or not self.first.get(id(buf), True)
 
 
 class FusedAdamW(_FusedBase):
@@ -188,20 +209,40 @@ class FusedAdamW(_FusedBase):
         self.steps[id(buf)] = (steps, count)
 
     def step(self, ops, buf: FlatBuffer, group: dict, psf, backup, coeff: float):
-        steps, count = self.steps[id(buf)]
-        count += 1
+        stats = self.launch(ops, buf, group, psf, backup, coeff)
+        self.advance(buf, group)
+        return stats
+
+    def launch(self, ops, buf: FlatBuffer, group: dict, psf, backup, coeff: float, scalars=None):
+        """The fused op alone, no bookkeeping (what a captured step records). With ``scalars``
+        (``adamw_scalars``) the lr-dependent values and the bias corrections are read from the
+        device; the lr passed is NaN and the step count 1, so a kernel that used them would show it."""
+        count = self.steps[id(buf)][1]
         flat = self.flat_state[id(buf)]
         beta1, beta2 = group["betas"]
-        stats = ops.adamw_step(buf.param, buf.grad, flat["exp_avg"], flat["exp_avg_sq"], psf, backup, coeff,
-                               buf.stat_start, group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
-                               count, group["maximize"])
-        steps.add_(1.0)                # CPU tensor: the base's per-parameter 'step' stays right
+        lr, step = (group["lr"], count + 1) if scalars is None else (math.nan, 1)
+        return ops.adamw_step(buf.param, buf.grad, flat["exp_avg"], flat["exp_avg_sq"], psf, backup, coeff,
+                              buf.stat_start, lr, beta1, beta2, group["eps"], group["weight_decay"],
+                              step, group["maximize"], scalars)
+
+    def advance(self, buf: FlatBuffer, group: dict) -> None:
+        """After the op: the step count, and the base's per-parameter 'step' (CPU tensors)."""
+        steps, count = self.steps[id(buf)]
+        count += 1
+        steps.add_(1.0)
         self.steps[id(buf)] = (steps, count)
         if count == 1:
             self._install(buf)
             for i, p in enumerate(buf.params):
                 self.base.state[p]["step"] = steps[i]
-        return stats
+
+    def scalars(self, buf: FlatBuffer, group: dict, coeff: float) -> List[float]:
+        """This step's device scalars (``vsam_ext.ops.scalars``), for step count + 1."""
+        beta1, beta2 = group["betas"]
+        return adamw_scalars(coeff, group["lr"], beta1, beta2, group["weight_decay"], self.steps[id(buf)][1] + 1)
+
+    def settled(self, buf: FlatBuffer, group: dict) -> bool:
+        return self.steps.get(id(buf), (None, 0))[1] >= 1
 
 
 def fused_base_for(base: torch.optim.Optimizer) -> Optional[_FusedBase]:
