@@ -11,8 +11,9 @@ workers=${WORKERS:-2}
 settings=(--dataset cifar10 --model wrn10_1 --epochs 30 --train-size 2000 --val-size 1000
           --no-augment --threads 1 --no-progress)
 if [ $# -eq 0 ]; then
-    # longest first (measured cost per run, in SGD runs: sam 2, esam/aesam/vsam ~1.5, ...)
-    set -- $(for opt in sam esam aesam vsam mesa sam5 looksam saf sgd; do
+    # longest first: mean CPU s per run measured 2026-12-07 (RESULTS.md): sam 387, esam 343,
+    # aesam 283, mesa 251, vsam 218, sam5 215, looksam 197, saf 174, sgd 163
+    set -- $(for opt in sam esam aesam mesa vsam sam5 looksam saf sgd; do
                  for seed in 0 1 2; do echo "$opt:$seed"; done; done)
 fi
 mkdir -p "$out"
